@@ -1,0 +1,18 @@
+# The two commands of the README: `make sim` (the dry run) and `make test` (the suite).
+SHELL := /bin/bash
+VENV := .venv
+export HF_HUB_OFFLINE := 1
+export SVT_LOG := 1
+
+.PHONY: sim test setup bench
+sim: setup
+	$(VENV)/bin/fedbot sim $(ARGS)
+
+test: setup
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml uv.lock scripts/setup.sh
+	bash scripts/setup.sh
+	touch $@

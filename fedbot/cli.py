@@ -1,0 +1,188 @@
+"""The `fedbot` command line: record, train, eval, and the `sim` dry run."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from rich.console import Console
+
+console = Console()
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fedbot.presets import PRESETS
+    from fedbot.recording import DEFAULT_TASK, EVAL_SEED_START
+    from hardware.pusht_expert import STYLES
+
+    parser = argparse.ArgumentParser(prog="fedbot", description="Federated learning for robot fleets.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    rec = sub.add_parser("record", help="record teleoperated episodes into a LeRobot dataset")
+    rec.add_argument("--sim", action="store_true", required=True, help="record in the PushT simulator")
+    rec.add_argument("--root", type=Path, required=True, help="dataset directory (created or appended)")
+    rec.add_argument("--episodes", type=_positive, required=True, help="number of episodes to attempt")
+    rec.add_argument("--operator", choices=["expert", "mouse"], default="expert",
+                     help="scripted expert or a person with the mouse (default: expert)")
+    rec.add_argument("--style", choices=sorted(STYLES), default="default", help="expert operator style")
+    rec.add_argument("--seed", type=_non_negative, default=0,
+                     help=f"first scene seed; episodes use seed, seed+1, ... (< {EVAL_SEED_START})")
+    rec.add_argument("--task", default=DEFAULT_TASK, help="task description stored with every frame")
+    rec.add_argument("--keep-failed", action="store_true", help="also keep failed demonstrations")
+
+    tr = sub.add_parser("train", help="train a DiffusionPolicy on one dataset (resumes from --out)")
+    tr.add_argument("--dataset", type=Path, required=True, help="dataset directory")
+    tr.add_argument("--preset", choices=sorted(PRESETS), default="pusht-state")
+    tr.add_argument("--steps", type=_non_negative, required=True, help="total optimizer steps")
+    tr.add_argument("--out", type=Path, required=True, help="run directory (checkpoints/ inside)")
+    tr.add_argument("--save-every", type=_positive, default=1000, help="checkpoint period in steps")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+    ev = sub.add_parser("eval", help="evaluate a saved policy in the PushT simulator")
+    ev.add_argument("--policy", type=Path, required=True, help="saved policy directory")
+    ev.add_argument("--episodes", type=_positive, required=True)
+    ev.add_argument("--seed-start", type=int, default=EVAL_SEED_START,
+                    help=f"first held-out seed (>= {EVAL_SEED_START})")
+    ev.add_argument("--out", type=Path, required=True, help="directory for eval.json and rollout videos")
+    ev.add_argument("--videos", type=_non_negative, default=2, help="episodes to save as mp4")
+    ev.add_argument("--device", default=None)
+
+    sim = sub.add_parser("sim", help="dry run in the simulator: record -> train -> eval")
+    sim.add_argument("--episodes", type=_positive, default=20, help="demonstrations to record")
+    sim.add_argument("--steps", type=_non_negative, default=1000, help="training steps")
+    sim.add_argument("--eval-episodes", type=_positive, default=10)
+    sim.add_argument("--style", choices=sorted(STYLES), default="default")
+    sim.add_argument("--out", type=Path, default=Path("outputs"), help="parent of the run directory")
+    return parser
+
+
+def cmd_record(args) -> int:
+    from fedbot.recording import open_store, record_episodes
+    from hardware.pusht_sim import PushTSim, PushTSimConfig
+
+    robot = PushTSim(PushTSimConfig(id=args.root.name))
+    operator = _make_operator(args.operator, args.style, args.seed)
+    robot.connect()
+    operator.connect()
+    operator.attach(robot)
+    store = open_store(args.root, robot)
+    try:
+        report = record_episodes(
+            robot, operator, store, episodes=args.episodes, seed_start=args.seed, task=args.task,
+            keep_failed=args.keep_failed, realtime=getattr(operator, "realtime", False),
+            on_episode=lambda seed, s: console.print(
+                f"seed {seed}: {'success' if s.success else 'failed'} (coverage {s.coverage:.2f})"
+            ),
+        )
+    finally:
+        store.close()
+        operator.disconnect()
+        robot.disconnect()
+    console.print(
+        f"kept {report.kept} of {report.attempted} episodes ({report.successes} successful); "
+        f"{args.root} now holds {report.total_episodes} episodes"
+    )
+    return 0
+
+
+def _make_operator(kind: str, style: str, seed: int):
+    if kind == "mouse":
+        from hardware.pusht_mouse import PushTMouse, PushTMouseConfig
+
+        return PushTMouse(PushTMouseConfig(id="mouse"))
+    from hardware.pusht_expert import PushTExpert, PushTExpertConfig
+
+    return PushTExpert(PushTExpertConfig(id=f"expert-{style}", style=style, seed=seed))
+
+
+def cmd_train(args) -> int:
+    from fedbot.presets import get_preset
+    from fedbot.training import train
+
+    policy_dir = train(
+        args.dataset, get_preset(args.preset), args.steps, args.out,
+        save_every=args.save_every, seed=args.seed, device=args.device,
+    )
+    console.print(f"policy: {policy_dir}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from fedbot.evaluation import evaluate, print_report
+    from fedbot.policy_io import load_policy
+
+    report = evaluate(
+        load_policy(args.policy, args.device), args.episodes, args.out,
+        seed_start=args.seed_start, videos=args.videos, policy_name=str(args.policy),
+    )
+    print_report(report)
+    console.print(f"results: {args.out / 'eval.json'}")
+    return 0
+
+
+def cmd_sim(args) -> int:
+    from fedbot.evaluation import evaluate, print_report
+    from fedbot.policy_io import load_policy
+    from fedbot.presets import get_preset
+    from fedbot.recording import open_store, record_episodes
+    from fedbot.training import train
+    from hardware.pusht_sim import PushTSim, PushTSimConfig
+
+    run = args.out / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    dataset = run / "dataset"
+    console.rule(f"[bold]fedbot sim[/] -> {run}")
+    robot = PushTSim(PushTSimConfig(id="sim-robot"))
+    operator = _make_operator("expert", args.style, 0)
+    robot.connect()
+    operator.connect()
+    operator.attach(robot)
+    store = open_store(dataset, robot)
+    try:
+        with console.status("recording demonstrations with the sim operator"):
+            report = record_episodes(robot, operator, store, episodes=args.episodes, seed_start=0)
+    finally:
+        store.close()
+        robot.disconnect()
+    console.print(f"recorded {report.kept} of {report.attempted} episodes into {dataset}")
+    policy_dir = train(dataset, get_preset("pusht-state"), args.steps, run / "train")
+    result = evaluate(load_policy(policy_dir), args.eval_episodes, run / "eval", policy_name=str(policy_dir))
+    print_report(result)
+    console.print(f"dataset: {dataset}\npolicy:  {policy_dir}\neval:    {run / 'eval'} (eval.json, rollout_*.mp4)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = {"record": cmd_record, "train": cmd_train, "eval": cmd_eval, "sim": cmd_sim}[args.command]
+    try:
+        return handler(args)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
+        console.print(f"[red]error:[/] {error}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Crash-safe, append-only LeRobot v3.0 datasets: one committed episode at a time.
+
+lerobot writes parquet footers only at `finalize()` and `LeRobotDataset` globs every parquet file
+under `data/`, so a recorder killed mid-episode or mid-save leaves a dataset that no longer loads.
+lerobot has no commit protocol of its own, hence this module. The dataset root is laid out so that
+plain `LeRobotDataset(repo_id, root=DIR)` (and `lerobot-train`) read it, while each episode becomes
+visible through one atomic rename:
+
+    DIR/meta   -> .versions/current/meta        (relative symlinks, made once)
+    DIR/data   -> .versions/current/data
+    DIR/videos -> .versions/current/videos
+    DIR/.versions/current -> 000007             (the commit point: replaced atomically)
+    DIR/.versions/000007/{meta,data,videos}     (a complete, finalized dataset)
+    DIR/.versions/work-<pid>-<n>/               (the episode being recorded, never read)
+
+To append, the current version is cloned into a work directory (data and video files hard-linked,
+metadata copied, since lerobot rewrites `info.json` and `stats.json` in place), lerobot's own writer
+resumes there, and on `commit` the finalized work directory is fsynced, renamed to the next version
+and `current` is switched to it. lerobot starts new data, video and episode-metadata files when it
+resumes, so the hard-linked files of committed episodes are never written again. A kill at any
+moment leaves `current` pointing at a complete version; leftovers are removed at the next open.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import os
+import shutil
+from pathlib import Path
+
+from lerobot.datasets.io_utils import load_info
+from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+VERSIONS_DIR = ".versions"
+CURRENT_LINK = "current"
+LINKED_SUBDIRS = ("meta", "data", "videos")
+WORK_PREFIX = "work-"
+LOCK_FILE = "lock"
+_work_counter = itertools.count()
+
+
+class EpisodeStore:
+    """Appends episodes to the dataset at `root`, each committed atomically or not at all."""
+
+    def __init__(self, root: Path, repo_id: str, fps: int, features: dict, robot_type: str):
+        self.root = Path(root)
+        self.repo_id = repo_id
+        self.fps = fps
+        self.features = features
+        self.robot_type = robot_type
+        self._versions = self.root / VERSIONS_DIR
+        self._work: Path | None = None
+        self.dataset: LeRobotDataset | None = None
+        self._prepare_root()
+        self._lock_fd = os.open(self._versions / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise RuntimeError(f"{self.root} is being recorded into by another process") from None
+        self.recover()
+
+    def close(self) -> None:
+        """Discard an open episode and release the dataset for other recorders."""
+        if self._work is not None:
+            self.discard_episode()
+        os.close(self._lock_fd)
+
+    # -- layout -------------------------------------------------------------------------------
+    def _prepare_root(self) -> None:
+        if self.root.exists() and not (self.root / VERSIONS_DIR).exists() and any(self.root.iterdir()):
+            raise FileExistsError(
+                f"{self.root} exists and is not a fedbot dataset (no {VERSIONS_DIR}/): "
+                "record into a new directory"
+            )
+        self._versions.mkdir(parents=True, exist_ok=True)
+        for sub in LINKED_SUBDIRS:
+            link = self.root / sub
+            if not link.is_symlink():
+                link.symlink_to(Path(VERSIONS_DIR) / CURRENT_LINK / sub)
+
+    @property
+    def current_version(self) -> Path | None:
+        """The directory of the last committed version, or None before the first episode."""
+        link = self._versions / CURRENT_LINK
+        return self._versions / os.readlink(link) if link.is_symlink() else None
+
+    @property
+    def num_episodes(self) -> int:
+        current = self.current_version
+        if current is None:
+            return 0
+        return load_info(current).total_episodes
+
+    def recover(self) -> None:
+        """Remove what a killed recorder left: work directories and superseded versions."""
+        current = self.current_version
+        for entry in self._versions.iterdir():
+            if entry.name in (CURRENT_LINK, LOCK_FILE) or entry == current:
+                continue
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+    # -- one episode ---------------------------------------------------------------------------
+    def begin_episode(self) -> LeRobotDataset:
+        """Open a writable clone of the current version for one new episode."""
+        if self._work is not None:
+            raise RuntimeError("an episode is already open; commit or discard it first")
+        self._work = self._versions / f"{WORK_PREFIX}{os.getpid()}-{next(_work_counter)}"
+        current = self.current_version
+        if current is None:
+            self.dataset = LeRobotDataset.create(
+                self.repo_id,
+                fps=self.fps,
+                features=self.features,
+                root=self._work,
+                robot_type=self.robot_type,
+                use_videos=True,
+            )
+        else:
+            _clone_version(current, self._work)
+            self.dataset = LeRobotDataset.resume(self.repo_id, root=self._work)
+        return self.dataset
+
+    def discard_episode(self) -> None:
+        """Drop the open episode; the committed dataset is untouched."""
+        if self.dataset is not None:
+            self.dataset.clear_episode_buffer()
+            self.dataset.finalize()
+        if self._work is not None:
+            shutil.rmtree(self._work, ignore_errors=True)
+        self._work, self.dataset = None, None
+
+    def commit_episode(self) -> int:
+        """Save the open episode and make it visible atomically. Returns the new episode count."""
+        if self.dataset is None or self._work is None:
+            raise RuntimeError("no episode is open")
+        self.dataset.save_episode()
+        self.dataset.finalize()
+        total = self.dataset.meta.total_episodes
+        _fsync_tree(self._work)
+        version = self._versions / f"{total:06d}"
+        os.rename(self._work, version)
+        tmp_link = self._versions / f"{CURRENT_LINK}.tmp-{os.getpid()}"
+        tmp_link.unlink(missing_ok=True)
+        tmp_link.symlink_to(version.name)
+        os.replace(tmp_link, self._versions / CURRENT_LINK)  # the commit point
+        _fsync_dir(self._versions)
+        self._work, self.dataset = None, None
+        self.recover()
+        return total
+
+
+def _clone_version(src: Path, dst: Path) -> None:
+    """Hard-link data and videos of `src` into `dst`; copy its metadata (rewritten in place)."""
+    for sub in ("data", "videos"):
+        if (src / sub).is_dir():
+            shutil.copytree(src / sub, dst / sub, copy_function=os.link)
+    shutil.copytree(src / "meta", dst / "meta")
+
+
+def _fsync_tree(top: Path) -> None:
+    for dirpath, _, filenames in os.walk(top):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,114 @@
+"""Teleoperated recording: robot + operator -> episodes committed to a crash-safe LeRobot dataset.
+
+The loop knows only lerobot's Robot and Teleoperator interfaces plus two bench duties a person does
+on real hardware and the sim does itself: placing the scene (`robot.reset(seed)`) and judging the
+outcome (`robot.episode_status()`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lerobot.robots.robot import Robot
+from lerobot.teleoperators.teleoperator import Teleoperator
+from lerobot.utils.robot_utils import precise_sleep
+
+from fedbot.episode_store import EpisodeStore
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TASK = "Push the T-shaped block onto the T-shaped target."
+# Recording draws scenes from seeds below EVAL_SEED_START; evaluation from seeds at or above it.
+EVAL_SEED_START = 100_000
+
+
+def dataset_features(robot: Robot) -> dict[str, dict]:
+    """LeRobot dataset features for a robot whose features are named by dataset key."""
+    features = {}
+    for key, shape in {**robot.observation_features, **robot.action_features}.items():
+        if len(shape) == 3:
+            features[key] = {"dtype": "video", "shape": shape, "names": ["height", "width", "channels"]}
+        else:
+            features[key] = {"dtype": "float32", "shape": shape, "names": None}
+    return features
+
+
+def open_store(root: Path, robot: Robot) -> EpisodeStore:
+    return EpisodeStore(
+        root,
+        repo_id=f"fedbot/{Path(root).name}",
+        fps=robot.config.fps,
+        features=dataset_features(robot),
+        robot_type=robot.name,
+    )
+
+
+@dataclass
+class RecordingReport:
+    """What one recording session produced."""
+
+    attempted: int = 0
+    kept: int = 0
+    successes: int = 0
+    total_episodes: int = 0
+    coverages: list[float] = field(default_factory=list)
+
+
+def check_recording_seeds(seed_start: int, episodes: int) -> None:
+    if seed_start < 0 or seed_start + episodes > EVAL_SEED_START:
+        raise ValueError(
+            f"recording seeds must lie in [0, {EVAL_SEED_START}) (seeds from {EVAL_SEED_START} on are "
+            f"held out for evaluation); got {seed_start}..{seed_start + episodes - 1}"
+        )
+
+
+def record_episodes(
+    robot: Robot,
+    operator: Teleoperator,
+    store: EpisodeStore,
+    *,
+    episodes: int,
+    seed_start: int,
+    task: str = DEFAULT_TASK,
+    keep_failed: bool = False,
+    realtime: bool = False,
+    on_episode=None,
+) -> RecordingReport:
+    """Record `episodes` attempts on seeds seed_start, seed_start+1, ...
+
+    Each successful attempt (every attempt with `keep_failed`) is committed before the next starts,
+    so a crash loses at most the attempt in progress. `realtime` paces the loop at the robot's fps
+    (needed when a person operates); the scripted operator runs as fast as the CPU allows.
+    """
+    check_recording_seeds(seed_start, episodes)
+    report = RecordingReport(total_episodes=store.num_episodes)
+    period = 1.0 / robot.config.fps
+    for seed in range(seed_start, seed_start + episodes):
+        robot.reset(seed)
+        operator.start_episode()
+        dataset = store.begin_episode()
+        while True:
+            tick = time.perf_counter()
+            observation = robot.get_observation()
+            sent = robot.send_action(operator.get_action())
+            dataset.add_frame({**observation, **sent, "task": task})
+            status = robot.episode_status()
+            if status.done:
+                break
+            if realtime:
+                precise_sleep(max(0.0, period - (time.perf_counter() - tick)))
+        report.attempted += 1
+        report.successes += status.success
+        report.coverages.append(status.coverage)
+        if status.success or keep_failed:
+            report.total_episodes = store.commit_episode()
+            report.kept += 1
+        else:
+            store.discard_episode()
+            log.info("seed %d: demonstration failed (coverage %.2f), not kept", seed, status.coverage)
+        if on_episode is not None:
+            on_episode(seed, status)
+    return report

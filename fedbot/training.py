@@ -1,0 +1,224 @@
+"""Local DiffusionPolicy training on one LeRobot dataset, with checkpoints and resume.
+
+lerobot's `LeRobotDataset.__getitem__` reads parquet rows and decodes video frame by frame for
+every sample, which dominates a CPU training step of the small presets. A robot's dataset fits in
+memory, so `InMemoryFrames` decodes it once and builds batches by tensor indexing, reproducing
+lerobot's delta-timestamp windows, padding masks and episode-aware sampling
+(`drop_n_last_frames`). Everything else (model, processors, optimizer and scheduler presets,
+training-state files) is lerobot's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from lerobot.common.train_utils import load_training_state, save_training_state
+from lerobot.datasets.lerobot_dataset import LeRobotDataset
+from lerobot.datasets.video_utils import decode_video_frames
+from lerobot.policies.diffusion.configuration_diffusion import DiffusionConfig
+from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
+from lerobot.policies.factory import make_pre_post_processors
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from fedbot.policy_io import LoadedPolicy, load_policy, publish_dir, save_policy
+from fedbot.presets import Preset
+
+log = logging.getLogger(__name__)
+
+ACTION = "action"
+CHECKPOINTS_DIR = "checkpoints"
+LAST_LINK = "last"
+PRETRAINED_DIR = "pretrained_model"
+RUN_FILE = "fedbot_train.json"
+
+
+def open_dataset(root: Path) -> LeRobotDataset:
+    """Load a recorded dataset from disk (never from a hub)."""
+    root = Path(root)
+    if not (root / "meta" / "info.json").is_file():
+        raise FileNotFoundError(f"{root} holds no LeRobot dataset (no committed episode in meta/info.json)")
+    return LeRobotDataset(f"fedbot/{root.name}", root=root)
+
+
+class InMemoryFrames:
+    """All frames of a dataset as tensors, sampled into training batches for one policy config."""
+
+    def __init__(self, dataset: LeRobotDataset, config: DiffusionConfig):
+        meta = dataset.meta
+        self.fps = meta.fps
+        self.stats = meta.stats
+        self.keys = list(config.input_features)
+        columns = dataset.hf_dataset.with_format(None).data.table
+        self.tensors: dict[str, torch.Tensor] = {}
+        for key in [*self.keys, ACTION]:
+            if meta.features[key]["dtype"] == "video":
+                self.tensors[key] = self._decode_video(dataset, key)
+            else:
+                self.tensors[key] = torch.as_tensor(columns.column(key).to_pylist(), dtype=torch.float32)
+        episode = torch.as_tensor(columns.column("episode_index").to_numpy())
+        lengths = torch.bincount(episode)
+        ends = torch.cumsum(lengths, 0)
+        self.episode_from = (ends - lengths)[episode]
+        self.episode_to = ends[episode]
+        self.num_frames = len(episode)
+        # lerobot's EpisodeAwareSampler: no sample starts in the last `drop_n_last_frames` frames.
+        self.sample_indices = torch.nonzero(
+            torch.arange(self.num_frames) < self.episode_to - config.drop_n_last_frames
+        ).squeeze(1)
+        self.obs_deltas = torch.tensor(config.observation_delta_indices)
+        self.action_deltas = torch.tensor(config.action_delta_indices)
+
+    @staticmethod
+    def _decode_video(dataset: LeRobotDataset, key: str) -> torch.Tensor:
+        meta, frames = dataset.meta, []
+        for ep in range(meta.total_episodes):
+            episode = meta.episodes[ep]
+            start = episode[f"videos/{key}/from_timestamp"]
+            timestamps = [start + i / meta.fps for i in range(episode["length"])]
+            path = dataset.root / meta.get_video_file_path(ep, key)
+            frames.append(decode_video_frames(path, timestamps, dataset.tolerance_s, return_uint8=True))
+        return torch.cat(frames)  # (N, C, H, W) uint8
+
+    def batch(self, size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        picks = torch.randint(len(self.sample_indices), (size,), generator=generator)
+        index = self.sample_indices[picks]
+        batch = {}
+        for key, deltas in [(k, self.obs_deltas) for k in self.keys] + [(ACTION, self.action_deltas)]:
+            window = index[:, None] + deltas[None, :]
+            lo, hi = self.episode_from[index][:, None], self.episode_to[index][:, None] - 1
+            batch[f"{key}_is_pad"] = (window < lo) | (window > hi)
+            values = self.tensors[key][torch.maximum(torch.minimum(window, hi), lo)]
+            batch[key] = values.float() / 255.0 if values.dtype == torch.uint8 else values
+        return batch
+
+
+@dataclass
+class TrainState:
+    """A policy being trained with its optimizer, scheduler and step counter."""
+
+    loaded: LoadedPolicy
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    step: int = 0
+
+    @classmethod
+    def create(cls, loaded: LoadedPolicy, total_steps: int) -> "TrainState":
+        config = loaded.policy.config
+        optimizer = config.get_optimizer_preset().build(loaded.policy.parameters())
+        scheduler = config.get_scheduler_preset().build(optimizer, num_training_steps=total_steps)
+        return cls(loaded, optimizer, scheduler)
+
+    def train_steps(self, frames: InMemoryFrames, steps: int, batch_size: int, generator, progress=None) -> float:
+        """Run `steps` optimizer steps; returns the mean loss."""
+        policy = self.loaded.policy
+        policy.train()
+        total = 0.0
+        for _ in range(steps):
+            batch = self.loaded.preprocessor(frames.batch(batch_size, generator))
+            loss, _ = policy.forward(batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm=10.0)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            total += loss.item()
+            if progress is not None:
+                progress(loss.item())
+        policy.eval()
+        return total / max(steps, 1)
+
+
+def new_policy(preset: Preset, dataset: LeRobotDataset, device: str | None = None) -> LoadedPolicy:
+    """A freshly initialised policy with processors normalizing by the dataset's statistics."""
+    config = preset.make_config(dataset.meta.features, device)
+    policy = DiffusionPolicy(config).to(config.device)
+    pre, post = make_pre_post_processors(config, dataset_stats=dataset.meta.stats)
+    return LoadedPolicy(policy, pre, post)
+
+
+def last_checkpoint(out: Path) -> Path | None:
+    link = Path(out) / CHECKPOINTS_DIR / LAST_LINK
+    return link.resolve() if link.is_symlink() else None
+
+
+def save_checkpoint(out: Path, state: TrainState, run: dict, keep: int = 3) -> Path:
+    """Write checkpoints/<step>/ (policy + training state) atomically and point `last` at it."""
+    checkpoints = Path(out) / CHECKPOINTS_DIR
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    final = checkpoints / f"{state.step:06d}"
+    if final.exists():
+        return final
+    tmp = checkpoints / f".tmp-{state.step:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_policy(tmp / PRETRAINED_DIR, state.loaded)
+    save_training_state(tmp, state.step, state.optimizer, state.scheduler)
+    (tmp / RUN_FILE).write_text(json.dumps(run, indent=2))
+    publish_dir(tmp, final)
+    link_tmp = checkpoints / f".{LAST_LINK}-{os.getpid()}"
+    link_tmp.unlink(missing_ok=True)
+    link_tmp.symlink_to(final.name)
+    os.replace(link_tmp, checkpoints / LAST_LINK)
+    for old in sorted(p for p in checkpoints.iterdir() if p.name.isdigit())[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def train(
+    dataset_root: Path,
+    preset: Preset,
+    steps: int,
+    out: Path,
+    *,
+    save_every: int = 1000,
+    seed: int = 0,
+    device: str | None = None,
+    show_progress: bool = True,
+) -> Path:
+    """Train to `steps` total steps, resuming from `out`'s last checkpoint if there is one.
+
+    Returns the directory of the final policy (`checkpoints/last/pretrained_model`).
+    """
+    dataset = open_dataset(dataset_root)
+    run = {"dataset": str(Path(dataset_root).resolve()), "preset": preset.name, "steps": steps, "seed": seed}
+    resume_from = last_checkpoint(out)
+    if resume_from is not None:
+        previous = json.loads((resume_from / RUN_FILE).read_text())
+        if (previous["dataset"], previous["preset"]) != (run["dataset"], run["preset"]):
+            raise ValueError(
+                f"{out} holds a run on {previous['dataset']} with preset {previous['preset']}; "
+                "use another --out for a different dataset or preset"
+            )
+        loaded = load_policy(resume_from / PRETRAINED_DIR, device)
+        state = TrainState.create(loaded, steps)
+        state.step, state.optimizer, state.scheduler = load_training_state(
+            resume_from, state.optimizer, state.scheduler
+        )
+        log.info("resuming from step %d (%s)", state.step, resume_from)
+    else:
+        torch.manual_seed(seed)
+        state = TrainState.create(new_policy(preset, dataset, device), steps)
+    frames = InMemoryFrames(dataset, state.loaded.policy.config)
+    generator = torch.Generator().manual_seed(seed + state.step)
+    with Progress(
+        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeRemainingColumn(), disable=not show_progress,
+    ) as progress:
+        task = progress.add_task("train", total=steps, completed=state.step, loss=float("nan"))
+        while state.step < steps:
+            chunk = min(save_every - state.step % save_every, steps - state.step)
+            state.train_steps(
+                frames, chunk, preset.batch_size, generator,
+                progress=lambda loss: progress.update(task, advance=1, loss=loss),
+            )
+            save_checkpoint(out, state, run)
+    if last_checkpoint(out) is None:  # steps == 0
+        save_checkpoint(out, state, run)
+    return last_checkpoint(out) / PRETRAINED_DIR

@@ -1,0 +1,144 @@
+"""The PushT simulator robot behind lerobot's `Robot` interface.
+
+The robot owns one gym-pusht environment. Its observation and action features are named with the
+dataset feature keys fedbot records (`observation.image`, `observation.state`,
+`observation.environment_state`, `action`), so recording and control code treat it like any robot.
+Episode placement (`reset`) and the episode outcome (`episode_status`) are what a person does and
+sees on a real bench; the sim answers them itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import gymnasium as gym
+import gym_pusht  # noqa: F401  (registers gym_pusht/PushT-v0)
+import numpy as np
+from lerobot.robots.config import RobotConfig
+from lerobot.robots.robot import Robot
+
+IMAGE_KEY = "observation.image"
+STATE_KEY = "observation.state"
+ENV_STATE_KEY = "observation.environment_state"
+ACTION_KEY = "action"
+
+
+@RobotConfig.register_subclass("pusht_sim")
+@dataclass(kw_only=True)
+class PushTSimConfig(RobotConfig):
+    """Settings of the simulated PushT robot."""
+
+    fps: int = 10
+    image_size: int = 96
+    render_size: int = 256  # side of the frames rendered for videos and the mouse operator's window
+    max_episode_steps: int = 300
+
+
+@dataclass(frozen=True)
+class EpisodeStatus:
+    """What the bench shows after a step: is the task done, did it succeed, how far along it is."""
+
+    done: bool
+    success: bool
+    coverage: float
+
+
+class PushTSim(Robot):
+    """A disc pushed by position targets in [0, 512]^2 that has to push a T onto its goal pose."""
+
+    config_class = PushTSimConfig
+    name = "pusht_sim"
+
+    def __init__(self, config: PushTSimConfig):
+        super().__init__(config)
+        self.config = config
+        self._env: gym.Env | None = None
+        self._coverage = 0.0
+        self._steps = 0
+
+    @cached_property
+    def observation_features(self) -> dict:
+        size = self.config.image_size
+        return {IMAGE_KEY: (size, size, 3), STATE_KEY: (2,), ENV_STATE_KEY: (16,)}
+
+    @cached_property
+    def action_features(self) -> dict:
+        return {ACTION_KEY: (2,)}
+
+    @property
+    def is_connected(self) -> bool:
+        return self._env is not None
+
+    @property
+    def is_calibrated(self) -> bool:
+        return True
+
+    def connect(self, calibrate: bool = True) -> None:
+        if self._env is None:
+            self._env = gym.make(
+                "gym_pusht/PushT-v0",
+                obs_type="pixels_agent_pos",
+                render_mode="rgb_array",
+                observation_width=self.config.image_size,
+                observation_height=self.config.image_size,
+                visualization_width=self.config.render_size,
+                visualization_height=self.config.render_size,
+            )
+            self.reset(seed=0)
+
+    def calibrate(self) -> None:
+        """The simulator needs no calibration."""
+
+    def configure(self) -> None:
+        """The simulator needs no configuration."""
+
+    @property
+    def env(self):
+        """The unwrapped gym-pusht environment (bodies, goal pose), for sim-only tools."""
+        self._require_connected()
+        return self._env.unwrapped
+
+    def reset(self, seed: int) -> None:
+        """Place the agent and the T for a new episode, as drawn by gym-pusht from `seed`."""
+        self._require_connected()
+        self._env.reset(seed=seed)
+        self._coverage = self.env._get_coverage()
+        self._steps = 0
+
+    def get_observation(self) -> dict[str, np.ndarray]:
+        self._require_connected()
+        env = self.env
+        image = env._render()  # rgb at observation size, exactly what gym-pusht observes
+        return {
+            IMAGE_KEY: image,
+            STATE_KEY: np.asarray(env.agent.position, dtype=np.float32),
+            ENV_STATE_KEY: env.get_keypoints(env._block_shapes).flatten().astype(np.float32),
+        }
+
+    def send_action(self, action: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._require_connected()
+        target = np.asarray(action[ACTION_KEY], dtype=np.float32).reshape(2)
+        _, _, _, _, info = self._env.step(target)
+        self._coverage = float(info["coverage"])
+        self._steps += 1
+        return {ACTION_KEY: target}
+
+    def render(self) -> np.ndarray:
+        """An RGB view of the scene at `render_size`, with the last action drawn, for videos."""
+        self._require_connected()
+        return self._env.render()
+
+    def episode_status(self) -> EpisodeStatus:
+        success = self._coverage > self.env.success_threshold
+        done = success or self._steps >= self.config.max_episode_steps
+        return EpisodeStatus(done=done, success=success, coverage=self._coverage)
+
+    def disconnect(self) -> None:
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+
+    def _require_connected(self) -> None:
+        if self._env is None:
+            raise ConnectionError(f"{self} is not connected")
