@@ -78,7 +78,7 @@ class PushTSim(Robot):
         if self._env is None:
             self._env = gym.make(
                 "gym_pusht/PushT-v0",
-                obs_type="pixels_agent_pos",
+                obs_type="environment_state_agent_pos",  # cheap steps; images rendered on demand
                 render_mode="rgb_array",
                 observation_width=self.config.image_size,
                 observation_height=self.config.image_size,

@@ -1,0 +1,47 @@
+"""Shared test helpers: a cheap stand-in operator and a small recorded dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from fedbot.recording import open_store, record_episodes
+from hardware.pusht_sim import ACTION_KEY, PushTSim, PushTSimConfig
+
+
+class WanderOperator:
+    """A person fidgeting near the agent: deterministic small random steps (cheap, no planning)."""
+
+    realtime = False
+
+    def __init__(self, seed: int = 0):
+        self._rng = np.random.default_rng(seed)
+        self._robot: PushTSim | None = None
+
+    def attach(self, robot: PushTSim) -> None:
+        self._robot = robot
+
+    def start_episode(self) -> None:
+        pass
+
+    def get_action(self) -> dict:
+        target = np.asarray(self._robot.env.agent.position) + self._rng.normal(0.0, 15.0, 2)
+        return {ACTION_KEY: np.clip(target, 0, 512).astype(np.float32)}
+
+
+def record_wander(root: Path, episodes: int, steps: int = 20, seed_start: int = 0) -> int:
+    """Record `episodes` short kept episodes into `root`; returns the dataset's episode count."""
+    robot = PushTSim(PushTSimConfig(id="test", max_episode_steps=steps))
+    robot.connect()
+    operator = WanderOperator(seed_start)
+    operator.attach(robot)
+    store = open_store(root, robot)
+    try:
+        report = record_episodes(
+            robot, operator, store, episodes=episodes, seed_start=seed_start, keep_failed=True
+        )
+    finally:
+        store.close()
+        robot.disconnect()
+    return report.total_episodes
