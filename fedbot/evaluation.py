@@ -7,6 +7,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from lerobot.utils.io_utils import write_video
 from rich.console import Console
 from rich.table import Table
@@ -45,9 +46,13 @@ class EvalReport:
 
 
 def run_episode(robot: PushTSim, loaded: LoadedPolicy, seed: int, frames: list | None = None) -> EpisodeResult:
-    """One policy episode from the scene drawn by `seed`; appends rendered frames if asked."""
+    """One policy episode from the scene drawn by `seed`; appends rendered frames if asked.
+
+    The diffusion noise is seeded from `seed` too, so an episode is reproducible.
+    """
     robot.reset(seed)
     loaded.reset()
+    torch.manual_seed(seed)
     max_coverage, steps = robot.episode_status().coverage, 0
     while True:
         if frames is not None:
