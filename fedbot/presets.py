@@ -112,7 +112,7 @@ PRESETS: dict[str, Preset] = {
             _COMMON,
             down_dims=(64, 128, 256),
             noise_scheduler_type="DDIM",
-            num_inference_steps=10,
+            num_inference_steps=6,  # 46 ms per action chunk on one core (BENCHMARKS.md)
         ),
     ),
 }

@@ -178,6 +178,7 @@ def train(
     out: Path,
     *,
     save_every: int = 1000,
+    keep_checkpoints: int = 3,
     seed: int = 0,
     device: str | None = None,
     show_progress: bool = True,
@@ -218,7 +219,7 @@ def train(
                 frames, chunk, preset.batch_size, generator,
                 progress=lambda loss: progress.update(task, advance=1, loss=loss),
             )
-            save_checkpoint(out, state, run)
+            save_checkpoint(out, state, run, keep=keep_checkpoints)
     if last_checkpoint(out) is None:  # steps == 0
-        save_checkpoint(out, state, run)
+        save_checkpoint(out, state, run, keep=keep_checkpoints)
     return last_checkpoint(out) / PRETRAINED_DIR

@@ -1,0 +1,64 @@
+"""Action-chunk inference latency per preset on one CPU core.
+
+    .venv/bin/python bench/bench_inference.py [--repeats 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from bench.common import machine  # noqa: E402
+from fedbot.presets import PRESETS  # noqa: E402
+from fedbot.recording import dataset_features  # noqa: E402
+from hardware.pusht_sim import PushTSim, PushTSimConfig  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--presets", nargs="*", default=sorted(PRESETS))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    features = dataset_features(PushTSim(PushTSimConfig(id="bench")))
+    table = Table(title=f"action-chunk latency, 1 thread, {machine()}")
+    for column in ("preset", "params", "denoising steps", "median ms", "p90 ms", "ms per action"):
+        table.add_column(column, justify="right")
+    for name in args.presets:
+        config = PRESETS[name].make_config(features, device="cpu")
+        policy = DiffusionPolicy(config).eval()
+        observation = {"observation.state": torch.rand(1, 2)}
+        if "observation.environment_state" in config.input_features:
+            observation["observation.environment_state"] = torch.rand(1, 16)
+        if "observation.image" in config.input_features:
+            observation["observation.image"] = torch.rand(1, 3, 96, 96)
+        repeats = args.repeats if name == "pusht-state" else max(3, args.repeats // 5)
+        times = []
+        with torch.inference_mode():
+            for i in range(repeats + 1):
+                policy.reset()  # empty action queue: the next select_action generates a chunk
+                start = time.perf_counter()
+                policy.select_action(observation)
+                if i:  # the first call is a warm-up
+                    times.append((time.perf_counter() - start) * 1000)
+        median = statistics.median(times)
+        table.add_row(
+            name, f"{sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M", str(config.num_inference_steps),
+            f"{median:.0f}", f"{statistics.quantiles(times, n=10)[-1]:.0f}", f"{median / config.n_action_steps:.1f}",
+        )
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The PushT simulator robot behind lerobot's Robot interface, and the mouse operator."""
+
+import numpy as np
+import pygame
+import pytest
+from lerobot.robots.robot import Robot
+
+from hardware.pusht_mouse import PushTMouse, PushTMouseConfig
+from hardware.pusht_sim import ACTION_KEY, ENV_STATE_KEY, IMAGE_KEY, STATE_KEY, PushTSim, PushTSimConfig
+
+
+@pytest.fixture
+def robot():
+    robot = PushTSim(PushTSimConfig(id="t", max_episode_steps=5))
+    robot.connect()
+    yield robot
+    robot.disconnect()
+
+
+def test_features_and_observation(robot):
+    assert isinstance(robot, Robot)
+    assert robot.observation_features == {IMAGE_KEY: (96, 96, 3), STATE_KEY: (2,), ENV_STATE_KEY: (16,)}
+    assert robot.action_features == {ACTION_KEY: (2,)}
+    obs = robot.get_observation()
+    assert {k: v.shape for k, v in obs.items()} == robot.observation_features
+    assert obs[IMAGE_KEY].dtype == np.uint8 and obs[STATE_KEY].dtype == np.float32
+    np.testing.assert_allclose(obs[STATE_KEY], robot.env.agent.position, rtol=1e-6)
+
+
+def test_reset_is_deterministic_per_seed(robot):
+    robot.reset(7)
+    first = robot.get_observation()
+    robot.reset(8)
+    other = robot.get_observation()
+    robot.reset(7)
+    again = robot.get_observation()
+    np.testing.assert_array_equal(first[ENV_STATE_KEY], again[ENV_STATE_KEY])
+    assert not np.array_equal(first[ENV_STATE_KEY], other[ENV_STATE_KEY])
+
+
+def test_actions_move_the_agent_and_episodes_end(robot):
+    robot.reset(0)
+    start = robot.get_observation()[STATE_KEY]
+    target = np.clip(start + np.array([40.0, 0.0]), 0, 512).astype(np.float32)
+    for step in range(5):
+        assert not robot.episode_status().done
+        sent = robot.send_action({ACTION_KEY: target})
+        np.testing.assert_array_equal(sent[ACTION_KEY], target)
+    assert np.linalg.norm(robot.get_observation()[STATE_KEY] - target) < np.linalg.norm(start - target)
+    status = robot.episode_status()
+    assert status.done and not status.success and 0.0 <= status.coverage <= 1.0
+    assert robot.render().shape == (256, 256, 3)
+
+
+def test_disconnected_robot_refuses_io():
+    robot = PushTSim(PushTSimConfig(id="t"))
+    with pytest.raises(ConnectionError):
+        robot.get_observation()
+
+
+def test_mouse_operator_holds_until_grabbed_then_follows(robot, monkeypatch):
+    mouse = PushTMouse(PushTMouseConfig(id="m"))
+    mouse.connect()  # SDL's dummy video driver (conftest): a real pygame window without a screen
+    mouse.attach(robot)
+    try:
+        robot.reset(0)
+        mouse.start_episode()
+        agent = np.asarray(robot.env.agent.position, dtype=np.float32)
+        far = (int(agent[0] + 200) % 512, int(agent[1] + 200) % 512)
+        monkeypatch.setattr(pygame.mouse, "get_pos", lambda: far)  # the pointer is the hardware boundary
+        np.testing.assert_allclose(mouse.get_action()[ACTION_KEY], agent)
+        near = (int(agent[0]) + 5, int(agent[1]))
+        monkeypatch.setattr(pygame.mouse, "get_pos", lambda: near)
+        np.testing.assert_allclose(mouse.get_action()[ACTION_KEY], near)
+        monkeypatch.setattr(pygame.mouse, "get_pos", lambda: far)  # once grabbed, it follows
+        np.testing.assert_allclose(mouse.get_action()[ACTION_KEY], far)
+    finally:
+        mouse.disconnect()
