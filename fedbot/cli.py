@@ -11,7 +11,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-console = Console()
+console = Console(soft_wrap=True)
+errors = Console(stderr=True, soft_wrap=True)
 
 
 def _positive(text: str) -> int:
@@ -77,32 +78,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_record(args) -> int:
-    from fedbot.recording import open_store, record_episodes
+    report = _record(args.root, args.episodes, args.operator, args.style, args.seed, args.task, args.keep_failed)
+    console.print(
+        f"kept {report.kept} of {report.attempted} episodes ({report.successes} successful); "
+        f"{args.root} now holds {report.total_episodes} episodes"
+    )
+    return 0
+
+
+def _record(root: Path, episodes: int, operator_kind: str, style: str, seed: int, task: str | None = None,
+            keep_failed: bool = False):
+    """Record episodes in the sim with the chosen operator; prints one line per episode."""
+    from fedbot.recording import DEFAULT_TASK, check_recording_seeds, open_store, record_episodes
     from hardware.pusht_sim import PushTSim, PushTSimConfig
 
-    robot = PushTSim(PushTSimConfig(id=args.root.name))
-    operator = _make_operator(args.operator, args.style, args.seed)
+    check_recording_seeds(seed, episodes)  # before anything is created
+    robot = PushTSim(PushTSimConfig(id=root.name))
+    operator = _make_operator(operator_kind, style, seed)
     robot.connect()
     operator.connect()
     operator.attach(robot)
-    store = open_store(args.root, robot)
+    store = open_store(root, robot)
     try:
-        report = record_episodes(
-            robot, operator, store, episodes=args.episodes, seed_start=args.seed, task=args.task,
-            keep_failed=args.keep_failed, realtime=getattr(operator, "realtime", False),
-            on_episode=lambda seed, s: console.print(
-                f"seed {seed}: {'success' if s.success else 'failed'} (coverage {s.coverage:.2f})"
+        return record_episodes(
+            robot, operator, store, episodes=episodes, seed_start=seed, task=task or DEFAULT_TASK,
+            keep_failed=keep_failed, realtime=getattr(operator, "realtime", False),
+            on_episode=lambda s, status: console.print(
+                f"seed {s}: {'success' if status.success else 'failed'} (coverage {status.coverage:.2f})"
             ),
         )
     finally:
         store.close()
         operator.disconnect()
         robot.disconnect()
-    console.print(
-        f"kept {report.kept} of {report.attempted} episodes ({report.successes} successful); "
-        f"{args.root} now holds {report.total_episodes} episodes"
-    )
-    return 0
 
 
 def _make_operator(kind: str, style: str, seed: int):
@@ -144,25 +152,12 @@ def cmd_sim(args) -> int:
     from fedbot.evaluation import evaluate, print_report
     from fedbot.policy_io import load_policy
     from fedbot.presets import get_preset
-    from fedbot.recording import open_store, record_episodes
     from fedbot.training import train
-    from hardware.pusht_sim import PushTSim, PushTSimConfig
 
     run = args.out / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     dataset = run / "dataset"
     console.rule(f"[bold]fedbot sim[/] -> {run}")
-    robot = PushTSim(PushTSimConfig(id="sim-robot"))
-    operator = _make_operator("expert", args.style, 0)
-    robot.connect()
-    operator.connect()
-    operator.attach(robot)
-    store = open_store(dataset, robot)
-    try:
-        with console.status("recording demonstrations with the sim operator"):
-            report = record_episodes(robot, operator, store, episodes=args.episodes, seed_start=0)
-    finally:
-        store.close()
-        robot.disconnect()
+    report = _record(dataset, args.episodes, "expert", args.style, 0)
     console.print(f"recorded {report.kept} of {report.attempted} episodes into {dataset}")
     policy_dir = train(dataset, get_preset("pusht-state"), args.steps, run / "train")
     result = evaluate(load_policy(policy_dir), args.eval_episodes, run / "eval", policy_name=str(policy_dir))
@@ -180,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
-        console.print(f"[red]error:[/] {error}")
+        errors.print(f"[red]error:[/] {error}")
         return 2
 
 
