@@ -108,14 +108,22 @@ class TrainState:
     step: int = 0
 
     @classmethod
-    def create(cls, loaded: LoadedPolicy, total_steps: int) -> "TrainState":
+    def create(cls, loaded: LoadedPolicy, total_steps: int, lr: float | None = None) -> "TrainState":
+        """The preset's optimizer and warmup-cosine schedule, or a constant learning rate `lr`."""
         config = loaded.policy.config
         optimizer = config.get_optimizer_preset().build(loaded.policy.parameters())
-        scheduler = config.get_scheduler_preset().build(optimizer, num_training_steps=total_steps)
+        if lr is None:
+            scheduler = config.get_scheduler_preset().build(optimizer, num_training_steps=total_steps)
+        else:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         return cls(loaded, optimizer, scheduler)
 
-    def train_steps(self, frames: InMemoryFrames, steps: int, batch_size: int, generator, progress=None) -> float:
-        """Run `steps` optimizer steps; returns the mean loss."""
+    def train_steps(
+        self, frames: InMemoryFrames, steps: int, batch_size: int, generator, progress=None, penalty=None
+    ) -> float:
+        """Run `steps` optimizer steps; returns the mean loss (without `penalty()`, if given)."""
         policy = self.loaded.policy
         policy.train()
         total = 0.0
@@ -123,7 +131,7 @@ class TrainState:
             batch = self.loaded.preprocessor(frames.batch(batch_size, generator))
             loss, _ = policy.forward(batch)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss + penalty() if penalty is not None else loss).backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm=10.0)
             self.optimizer.step()
             self.scheduler.step()
@@ -137,9 +145,14 @@ class TrainState:
 
 def new_policy(preset: Preset, dataset: LeRobotDataset, device: str | None = None) -> LoadedPolicy:
     """A freshly initialised policy with processors normalizing by the dataset's statistics."""
-    config = preset.make_config(dataset.meta.features, device)
+    return policy_from_stats(preset, dataset.meta.features, dataset.meta.stats, device)
+
+
+def policy_from_stats(preset: Preset, features: dict, stats: dict, device: str | None = None) -> LoadedPolicy:
+    """A freshly initialised policy for dataset `features`, normalizing by `stats`."""
+    config = preset.make_config(features, device)
     policy = DiffusionPolicy(config).to(config.device)
-    pre, post = make_pre_post_processors(config, dataset_stats=dataset.meta.stats)
+    pre, post = make_pre_post_processors(config, dataset_stats=stats)
     return LoadedPolicy(policy, pre, post)
 
 

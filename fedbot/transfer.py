@@ -57,6 +57,7 @@ def stats_to_record(stats: dict[str, dict[str, np.ndarray]], keys: list[str]) ->
             f"{key}{STATS_SEPARATOR}{name}": Array(np.asarray(stats[key][name], dtype=np.float64))
             for key in keys
             for name in SHARED_STATS
+            if name in stats[key]
         }
     )
 

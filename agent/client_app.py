@@ -1,0 +1,127 @@
+"""The robot's Flower ClientApp: dataset statistics, local training, sim evaluation, model deploy.
+
+Every message is answered from the robot's own dataset (`NodeSettings`); replies carry weights,
+summary statistics and metrics, never observations or actions. In deployment each message runs in a
+fresh process, so anything that must outlive a round (the optimizer, the step counter) is kept in
+Flower's `context.state`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zlib
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
+
+from agent.inbox import write_to_inbox
+from agent.node import NodeSettings
+from coordinator.config import RunConfig
+from fedbot.evaluation import evaluate
+from fedbot.policy_io import LoadedPolicy
+from fedbot.presets import get_preset
+from fedbot.training import ACTION, InMemoryFrames, TrainState, open_dataset, policy_from_stats
+from fedbot.transfer import load_weights, record_to_stats, stats_to_record, weights_to_record
+
+app = ClientApp()
+
+
+def _settings(context: Context) -> tuple[RunConfig, NodeSettings]:
+    run = RunConfig.from_run_config(context.run_config)
+    return run, NodeSettings.from_configs(context.node_config, run.sim_data_dir)
+
+
+def _metadata(node: NodeSettings) -> LeRobotDatasetMetadata:
+    if not (node.dataset_root / "meta" / "info.json").is_file():
+        raise FileNotFoundError(f"robot {node.name}: no recorded dataset at {node.dataset_root}")
+    return LeRobotDatasetMetadata(f"fedbot/{node.dataset_root.name}", root=node.dataset_root)
+
+
+def global_policy(content: RecordDict, run: RunConfig, features: dict) -> LoadedPolicy:
+    """The global model of a message: its weights with processors on the global statistics."""
+    loaded = policy_from_stats(get_preset(run.preset), features, record_to_stats(content["stats"]))
+    load_weights(loaded.policy, content["arrays"])
+    return loaded
+
+
+@app.query("stats")
+def dataset_stats(msg: Message, context: Context) -> Message:
+    """Summary statistics and feature shapes of the policy's inputs and actions in this robot's data."""
+    run, node = _settings(context)
+    meta = _metadata(node)
+    keys = [*get_preset(run.preset).input_keys, ACTION]
+    features = {key: meta.features[key] for key in keys}
+    info = ConfigRecord({"features": json.dumps(features), "frames": meta.total_frames,
+                         "episodes": meta.total_episodes, "robot": node.name})
+    return Message(RecordDict({"stats": stats_to_record(meta.stats, keys), "info": info}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    run, node = _settings(context)
+    config = msg.content["config"]
+    dataset = open_dataset(node.dataset_root)
+    loaded = global_policy(msg.content, run, dataset.meta.features)
+    state = TrainState.create(loaded, run.local_steps, lr=run.lr)
+    _restore_optimizer(state, context)
+    frames = InMemoryFrames(dataset, loaded.policy.config)
+    penalty = _proximal_term(loaded.policy, float(config.get("proximal-mu", 0.0)))
+    seed = zlib.crc32(f"{node.name}/{config.get('server-round', 0)}".encode())
+    loss = state.train_steps(frames, run.local_steps, run.batch_size, torch.Generator().manual_seed(seed),
+                             penalty=penalty)
+    _save_optimizer(state, context)
+    metrics = MetricRecord({"num-examples": frames.num_frames, "train-loss": loss, "local-step": state.step})
+    return Message(RecordDict({"arrays": weights_to_record(loaded.policy, run.weights_dtype),
+                               "metrics": metrics}), reply_to=msg)
+
+
+def _proximal_term(policy: torch.nn.Module, mu: float):
+    """FedProx: mu/2 * ||w - w_global||^2 against the weights received this round."""
+    if mu <= 0.0:
+        return None
+    anchors = [p.detach().clone() for p in policy.parameters()]
+
+    def penalty() -> torch.Tensor:
+        return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(policy.parameters(), anchors, strict=True))
+
+    return penalty
+
+
+def _save_optimizer(state: TrainState, context: Context) -> None:
+    buffer = io.BytesIO()
+    torch.save(state.optimizer.state_dict(), buffer)
+    context.state["optimizer"] = ConfigRecord({"state": buffer.getvalue(), "step": state.step})
+
+
+def _restore_optimizer(state: TrainState, context: Context) -> None:
+    if "optimizer" in context.state:
+        saved = context.state["optimizer"]
+        state.optimizer.load_state_dict(torch.load(io.BytesIO(saved["state"]), weights_only=True))
+        state.step = int(saved["step"])
+
+
+@app.evaluate()
+def evaluate_global(msg: Message, context: Context) -> Message:
+    """Success of the global model in the sim on held-out seeds; the first rollout as mp4."""
+    run, node = _settings(context)
+    loaded = global_policy(msg.content, run, _metadata(node).features)
+    server_round = msg.content["config"].get("server-round", 0)
+    out = node.output_dir / "evaluate" / f"round_{server_round}"
+    report = evaluate(loaded, run.eval_episodes, out, videos=1, policy_name=f"global round {server_round}")
+    metrics = MetricRecord({"num-examples": run.eval_episodes, "success-rate": report.success_rate,
+                            "mean-max-coverage": report.mean_max_coverage})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@app.query("deploy")
+def deploy(msg: Message, context: Context) -> Message:
+    """Write the final global model with its manifest into this robot's model inbox, atomically."""
+    run, node = _settings(context)
+    loaded = global_policy(msg.content, run, _metadata(node).features)
+    manifest = json.loads(msg.content["manifest"]["json"])
+    path = write_to_inbox(node.model_inbox, loaded, manifest)
+    return Message(RecordDict({"deployed": ConfigRecord({"path": str(path), "robot": node.name})}), reply_to=msg)
+

@@ -1,0 +1,71 @@
+"""The federation's run configuration: defaults in pyproject `[tool.flwr.app.config]`, typed here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from fedbot.presets import PRESETS
+from fedbot.transfer import WEIGHT_DTYPES
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+SOURCE = "pyproject.toml [tool.flwr.app.config] or --run-config"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One federated run. Field names are the run-config keys with '-' for '_'."""
+
+    num_server_rounds: int = 3
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_nodes: int = 2
+    local_steps: int = 100
+    batch_size: int = 64
+    lr: float = 1e-4
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    server_lr: float = 0.01
+    preset: str = "pusht-state"
+    eval_every: int = 1
+    eval_episodes: int = 10
+    save_every: int = 1
+    output_dir: str = "outputs"
+    weights_dtype: str = "float32"
+    round_timeout: float = 600.0
+    sim_data_dir: str = "data/fleet"
+
+    @classmethod
+    def from_run_config(cls, run_config: dict) -> "RunConfig":
+        """Parse Flower's run config; unknown keys and wrong types name the key and its source."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        values = {}
+        for key, value in run_config.items():
+            if key not in known:
+                raise ValueError(f"unknown run-config key {key!r} (in {SOURCE}); known: {', '.join(known)}")
+            field = known[key]
+            kind = {"int": int, "float": float, "str": str}[field.type]
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ValueError(f"run-config key {key!r} (in {SOURCE}) must be {field.type}, got {value!r}")
+            values[field.name] = value
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        def bad(key: str, why: str) -> ValueError:
+            return ValueError(f"run-config key {key!r} (in {SOURCE}) {why}")
+
+        if self.strategy not in STRATEGIES:
+            raise bad("strategy", f"must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.preset not in PRESETS:
+            raise bad("preset", f"must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        if self.weights_dtype not in WEIGHT_DTYPES:
+            raise bad("weights-dtype", f"must be one of {sorted(WEIGHT_DTYPES)}, got {self.weights_dtype!r}")
+        for key in ("num-server-rounds", "min-nodes", "local-steps", "batch-size", "eval-every", "save-every"):
+            if getattr(self, key.replace("-", "_")) < 1:
+                raise bad(key, "must be >= 1")
+        for key in ("fraction-train", "fraction-evaluate"):
+            if not 0.0 <= getattr(self, key.replace("-", "_")) <= 1.0:
+                raise bad(key, "must lie in [0, 1]")

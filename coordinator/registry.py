@@ -1,0 +1,122 @@
+"""The coordinator's run directory: versioned global models with manifests, metrics, resume state.
+
+    <output-dir>/<date_time>/
+        global_model/round_N/       lerobot checkpoint + manifest.json (round, sha256, metrics, parent, time)
+        evaluate/round_N/server/    rollouts of the server-side evaluation
+        registry.json               every saved model; which is the best and which the latest
+        metrics.jsonl, metrics.png  one line per round; curves refreshed each round
+        state.json                  the run config and whether the run finished (for resume)
+
+Every JSON file is written atomically; a model directory appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+
+from agent.inbox import MANIFEST, WEIGHTS, sha256_file
+from coordinator.config import RunConfig
+from fedbot.evaluation import write_json_atomic
+from fedbot.policy_io import LoadedPolicy, save_policy
+
+log = logging.getLogger(__name__)
+
+# Settings that must be equal for a restarted coordinator to continue a run rather than start anew.
+RESUME_KEYS = ("preset", "strategy", "weights_dtype")
+
+
+class RunDirectory:
+    def __init__(self, root: Path):
+        self.root = root
+        self.models = root / "global_model"
+        self.models.mkdir(parents=True, exist_ok=True)
+
+    # -- resume -----------------------------------------------------------------------------
+    @classmethod
+    def open(cls, run: RunConfig) -> "RunDirectory":
+        """The latest unfinished run in the output dir with the same settings, or a new run."""
+        output = Path(run.output_dir)
+        for candidate in sorted(output.glob("*/state.json"), reverse=True):
+            state = json.loads(candidate.read_text())
+            same = all(state["config"].get(k) == getattr(run, k) for k in RESUME_KEYS)
+            if not state["finished"] and same:
+                log.info("resuming the unfinished run in %s", candidate.parent)
+                return cls(candidate.parent)
+        directory = cls(output / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+        directory.write_state(run, finished=False)
+        return directory
+
+    def write_state(self, run: RunConfig, finished: bool) -> None:
+        write_json_atomic(self.root / "state.json", {"config": asdict(run), "finished": finished})
+
+    # -- models -----------------------------------------------------------------------------
+    @property
+    def registry(self) -> dict:
+        path = self.root / "registry.json"
+        return json.loads(path.read_text()) if path.exists() else {"models": [], "best": None, "latest": None}
+
+    def latest_model(self) -> tuple[int, Path] | None:
+        latest = self.registry["latest"]
+        return (latest, self.models / f"round_{latest}") if latest is not None else None
+
+    def save_model(self, server_round: int, loaded: LoadedPolicy, metrics: dict) -> dict:
+        """Save the global model of a round with its manifest and update the registry."""
+        registry = self.registry
+        directory = self.models / f"round_{server_round}"
+        if not directory.exists():
+            save_policy(directory, loaded)
+        manifest = {
+            "round": server_round,
+            "sha256": sha256_file(directory / WEIGHTS),
+            "metrics": metrics,
+            "parent": registry["latest"],
+            "created": datetime.now().isoformat(timespec="seconds"),
+        }
+        write_json_atomic(directory / MANIFEST, manifest)
+        registry["models"] = [m for m in registry["models"] if m["round"] != server_round] + [manifest]
+        registry["latest"] = server_round
+        registry["best"] = max(registry["models"], key=_score)["round"]
+        write_json_atomic(self.root / "registry.json", registry)
+        return manifest
+
+    # -- metrics ----------------------------------------------------------------------------
+    def append_metrics(self, row: dict) -> None:
+        with open(self.root / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.plot()
+
+    def metrics(self) -> list[dict]:
+        path = self.root / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = self.metrics()
+        fig, (loss_ax, success_ax) = plt.subplots(1, 2, figsize=(10, 4))
+        loss_rows = [r for r in rows if r.get("train-loss") is not None]
+        loss_ax.plot([r["round"] for r in loss_rows], [r["train-loss"] for r in loss_rows], marker="o")
+        loss_ax.set(xlabel="round", ylabel="aggregated train loss", title="training")
+        for key, label in (("server-success-rate", "server (sim)"), ("client-success-rate", "robots")):
+            points = [r for r in rows if r.get(key) is not None]
+            success_ax.plot([r["round"] for r in points], [r[key] for r in points], marker="o", label=label)
+        success_ax.set(xlabel="round", ylabel="success rate", ylim=(-0.05, 1.05), title="evaluation")
+        success_ax.legend()
+        fig.tight_layout()
+        tmp = self.root / ".metrics.png.tmp"
+        fig.savefig(tmp, format="png")
+        plt.close(fig)
+        tmp.replace(self.root / "metrics.png")
+
+
+def _score(manifest: dict) -> tuple:
+    metrics = manifest["metrics"]
+    return (metrics.get("server-success-rate") or 0.0, metrics.get("server-mean-max-coverage") or 0.0,
+            manifest["round"])

@@ -1,0 +1,171 @@
+"""The coordinator's Flower ServerApp: federated statistics, rounds, evaluation, registry, deploy.
+
+The rounds are driven through the strategy's own configure/aggregate methods (rather than
+`strategy.start`, which always begins at round 1) so that a restarted coordinator continues from its
+last saved global model and round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+from coordinator.config import RunConfig
+from coordinator.registry import RunDirectory
+from fedbot.evaluation import evaluate
+from fedbot.policy_io import LoadedPolicy, load_policy
+from fedbot.presets import get_preset
+from fedbot.training import policy_from_stats
+from fedbot.transfer import (
+    aggregate_node_stats, load_weights, record_to_stats, stats_to_record, weights_to_record,
+)
+
+log = logging.getLogger("fedbot.coordinator")
+app = ServerApp()
+NODE_WAIT_LOG_S = 10.0
+
+
+def make_strategy(run: RunConfig):
+    common = dict(fraction_train=run.fraction_train, fraction_evaluate=run.fraction_evaluate,
+                  min_train_nodes=run.min_nodes, min_evaluate_nodes=run.min_nodes,
+                  min_available_nodes=run.min_nodes)
+    if run.strategy == "fedprox":
+        return FedProx(**common, proximal_mu=run.proximal_mu)
+    if run.strategy == "fedadam":
+        return FedAdam(**common, eta=run.server_lr, eta_l=run.lr)
+    return FedAvg(**common)
+
+
+def wait_for_nodes(grid: Grid, count: int) -> list[int]:
+    """Block until `count` robots are connected (robots join when they are idle)."""
+    last_log = 0.0
+    while len(nodes := list(grid.get_node_ids())) < count:
+        if time.monotonic() - last_log > NODE_WAIT_LOG_S:
+            log.info("waiting for robots: %d of %d connected", len(nodes), count)
+            last_log = time.monotonic()
+        time.sleep(1.0)  # polling the SuperLink; Flower's Grid offers no wait
+    return nodes
+
+
+def replies_ok(replies: list[Message], what: str) -> list[Message]:
+    good = [r for r in replies if not r.has_error()]
+    for reply in replies:
+        if reply.has_error():
+            log.warning("%s: a robot failed (code %s): %s", what, reply.error.code, reply.error.reason)
+    return good
+
+
+def federated_stats(grid: Grid, run: RunConfig) -> tuple[dict, dict]:
+    """Ask every robot for its dataset summary and aggregate them: global stats and features."""
+    nodes = wait_for_nodes(grid, run.min_nodes)
+    config = RecordDict({"config": ConfigRecord({"preset": run.preset})})
+    messages = [Message(config, dst_node_id=node, message_type="query.stats") for node in nodes]
+    replies = replies_ok(list(grid.send_and_receive(messages, timeout=run.round_timeout)), "statistics")
+    if len(replies) < run.min_nodes:
+        raise RuntimeError(f"only {len(replies)} robots sent statistics; min-nodes is {run.min_nodes}")
+    features = json.loads(replies[0].content["info"]["features"])
+    for feature in features.values():
+        feature["shape"] = tuple(feature["shape"])
+    stats = aggregate_node_stats([record_to_stats(r.content["stats"]) for r in replies])
+    robots = {r.content["info"]["robot"]: r.content["info"]["frames"] for r in replies}
+    log.info("global statistics from %d robots (frames: %s)", len(replies), robots)
+    return stats, features
+
+
+def with_stats(messages, stats_record) -> list[Message]:
+    for message in messages:
+        message.content["stats"] = stats_record
+    return list(messages)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    logging.basicConfig(level=logging.INFO)
+    run = RunConfig.from_run_config(context.run_config)
+    directory = RunDirectory.open(run)
+    resumed = directory.latest_model()
+    if resumed is None:
+        stats, features = federated_stats(grid, run)
+        loaded = policy_from_stats(get_preset(run.preset), features, stats)
+        start_round = 0
+    else:
+        start_round, path = resumed
+        loaded = load_policy(path)
+        stats = loaded_stats(loaded)
+        log.info("continuing after round %d from %s", start_round, path)
+    stats_record = stats_to_record(stats, list(stats))
+    arrays = weights_to_record(loaded.policy, run.weights_dtype)
+    strategy = make_strategy(run)
+    if start_round == 0:
+        directory.save_model(0, loaded, {})
+
+    for server_round in range(start_round + 1, run.num_server_rounds + 1):
+        started = time.monotonic()
+        wait_for_nodes(grid, run.min_nodes)
+        messages = with_stats(strategy.configure_train(server_round, arrays, ConfigRecord(), grid), stats_record)
+        sent = sum(m.content["arrays"].count_bytes() for m in messages)
+        replies = list(grid.send_and_receive(messages, timeout=run.round_timeout))
+        good = replies_ok(replies, f"round {server_round} training")
+        received = sum(r.content["arrays"].count_bytes() for r in good)
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, good)
+        if new_arrays is None:
+            log.warning("round %d: no usable replies; the global model is unchanged", server_round)
+        else:
+            arrays = new_arrays
+            load_weights(loaded.policy, arrays)
+        row = {"round": server_round, "robots": len(good), "failed": len(replies) - len(good),
+               "train-loss": train_metrics.get("train-loss") if train_metrics else None,
+               "bytes-sent": sent, "bytes-received": received}
+        if server_round % run.eval_every == 0 or server_round == run.num_server_rounds:
+            row.update(evaluate_round(grid, run, strategy, server_round, arrays, stats_record, loaded, directory))
+        row["seconds"] = time.monotonic() - started
+        if server_round % run.save_every == 0 or server_round == run.num_server_rounds:
+            directory.save_model(server_round, loaded, {k: v for k, v in row.items() if k != "round"})
+        directory.append_metrics(row)
+        log.info("round %d: %s", server_round, row)
+
+    deploy(grid, run, directory, arrays, stats_record)
+    directory.write_state(run, finished=True)
+    log.info("run finished: %s", directory.root)
+
+
+def evaluate_round(grid, run, strategy, server_round, arrays, stats_record, loaded: LoadedPolicy, directory) -> dict:
+    """Server-side evaluation in the sim on held-out seeds, then the robots' own evaluation."""
+    report = evaluate(loaded, run.eval_episodes, directory.root / "evaluate" / f"round_{server_round}" / "server",
+                      videos=1, policy_name=f"global round {server_round}")
+    result = {"server-success-rate": report.success_rate, "server-mean-max-coverage": report.mean_max_coverage}
+    messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
+    if messages:
+        replies = replies_ok(list(grid.send_and_receive(with_stats(messages, stats_record),
+                                                        timeout=run.round_timeout)),
+                             f"round {server_round} evaluation")
+        metrics = strategy.aggregate_evaluate(server_round, replies)
+        if metrics:
+            result["client-success-rate"] = metrics.get("success-rate")
+            result["client-mean-max-coverage"] = metrics.get("mean-max-coverage")
+    return result
+
+
+def deploy(grid: Grid, run: RunConfig, directory: RunDirectory, arrays, stats_record) -> None:
+    """Send the final global model with its manifest to every robot's model inbox."""
+    final_round, path = directory.latest_model()
+    manifest = json.loads((path / "manifest.json").read_text())
+    nodes = list(grid.get_node_ids())
+    content = RecordDict({"arrays": arrays, "stats": stats_record,
+                          "manifest": ConfigRecord({"json": json.dumps(manifest)})})
+    messages = [Message(content, dst_node_id=node, message_type="query.deploy") for node in nodes]
+    replies = replies_ok(list(grid.send_and_receive(messages, timeout=run.round_timeout)), "deploy")
+    for reply in replies:
+        log.info("deployed round %d to %s", final_round, reply.content["deployed"]["robot"])
+
+
+def loaded_stats(loaded: LoadedPolicy) -> dict:
+    """The normalization statistics a saved global model carries in its preprocessor."""
+    step = next(s for s in loaded.preprocessor.steps if getattr(s, "stats", None))
+    return {key: {name: value.cpu().numpy() if hasattr(value, "cpu") else value for name, value in stats.items()}
+            for key, stats in step.stats.items()}
