@@ -1,0 +1,98 @@
+"""A federated run on Flower's simulation engine: a real SuperLink, `flwr run .`, two virtual robots."""
+
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.inbox import sha256_file
+from fedbot.policy_io import load_policy
+from helpers import record_wander
+
+PROJECT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Return once the SuperLink accepts connections (connect attempts, not sleeps)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "flower-superlink exited"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
+            return
+        except OSError:
+            select.select([], [], [], 0.2)  # back off before the next connection attempt
+    raise TimeoutError(f"SuperLink on port {port} did not come up in {timeout} s")
+
+
+@pytest.fixture
+def superlink(tmp_path):
+    """A simulation SuperLink on a free port, and a FLWR_HOME whose default connection is it."""
+    port = free_port()
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "sim"\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    log = open(tmp_path / "superlink.log", "w")
+    process = subprocess.Popen(
+        [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--disable-runtime-dependency-installation",
+         "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )
+    wait_for_port(port, process)
+    yield env
+    os.killpg(process.pid, 15)
+    process.wait(timeout=60)
+    log.close()
+
+
+def test_two_robots_federate_evaluate_and_receive_the_model(tmp_path, superlink):
+    fleet, out = tmp_path / "fleet", tmp_path / "outputs"
+    for robot in range(2):
+        record_wander(fleet / f"robot{robot}", 2, steps=40, seed_start=10 * robot)
+    run_config = (f"sim-data-dir='{fleet}' output-dir='{out}' num-server-rounds=2 local-steps=2 batch-size=8 "
+                  "eval-episodes=1 round-timeout=600.0")
+    result = subprocess.run(
+        [str(BIN / "flwr"), "run", ".", "sim", "--stream", "--run-config", run_config,
+         "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"],
+        cwd=PROJECT, env=superlink, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (run_dir,) = out.iterdir()
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["robots"] == 2 and r["failed"] == 0 and r["train-loss"] > 0 for r in rows)
+    assert all(r["bytes-received"] > 0 and 0.0 <= r["server-success-rate"] <= 1.0 for r in rows)
+    assert (run_dir / "metrics.png").stat().st_size > 0
+    assert list((run_dir / "evaluate" / "round_2" / "server").glob("rollout_*.mp4"))
+    assert json.loads((run_dir / "state.json").read_text())["finished"] is True
+
+    registry = json.loads((run_dir / "registry.json").read_text())
+    assert [m["round"] for m in registry["models"]] == [0, 1, 2] and registry["latest"] == 2
+    for manifest in registry["models"]:
+        model = run_dir / "global_model" / f"round_{manifest['round']}"
+        assert sha256_file(model / "model.safetensors") == manifest["sha256"]
+    final = registry["models"][-1]
+    assert final["parent"] == 1
+
+    for robot in range(2):
+        (deployed,) = (fleet / f"robot{robot}-inbox").iterdir()
+        manifest = json.loads((deployed / "manifest.json").read_text())
+        assert manifest["sha256"] == final["sha256"] == sha256_file(deployed / "model.safetensors")
+        load_policy(deployed, device="cpu")
+        assert list((fleet / f"robot{robot}-outputs" / "evaluate" / "round_2").glob("rollout_*.mp4"))
