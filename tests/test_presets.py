@@ -22,7 +22,7 @@ def test_image_preset_is_the_flower_example_configuration():
 def test_state_preset_uses_no_image_and_ddim():
     config = get_preset("pusht-state").make_config(FEATURES, device="cpu")
     assert list(config.input_features) == ["observation.state", "observation.environment_state"]
-    assert config.noise_scheduler_type == "DDIM" and config.num_inference_steps == 6
+    assert config.noise_scheduler_type == "DDIM" and config.num_inference_steps == 10
     assert config.down_dims == (64, 128, 256)
 
 
