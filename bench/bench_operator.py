@@ -97,7 +97,7 @@ def main() -> None:
         if failed:
             print(f"{style}: failed seeds {failed}", file=sys.stderr)
     robot.disconnect()
-    Console().print(table)
+    Console(width=140).print(table)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ _J = (
 ) / sum(_AREAS)
 _SLANTS = (0.0, 0.35, -0.35, 0.7, -0.7)  # rad off the normal, for pushes on a face
 _SUCCESS_MARGIN = 0.002  # plan for coverage a little above the env's threshold
-_NO_GAIN = 50.0  # score penalty of a plan that leaves the T no nearer its goal
+_NO_GAIN = 1e6  # plan scores: below -_NO_GAIN/2 reach the goal, above _NO_GAIN bring no gain
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,8 @@ def _hits(a: tuple[float, float], b: tuple[float, float], rect: tuple[float, flo
 
 def _distance_to_t(p: tuple[float, float]) -> float:
     return min(
-        math.hypot(max(r[0] - p[0], 0.0, p[0] - r[2]), max(r[1] - p[1], 0.0, p[1] - r[3])) for r in (_BAR, _STEM)
+        math.hypot(max(r[0] - p[0], 0.0, p[0] - r[2]), max(r[1] - p[1], 0.0, p[1] - r[3]))
+        for r in (_BAR, _STEM)
     )
 
 
@@ -160,7 +161,11 @@ class _Geometry:
         self.contacts = self._make_contacts()
         n = len(self.nodes)
         inf = math.inf
-        self.dist = [[0.0 if i == j else self._edge_cost(self.nodes[i], self.nodes[j]) for j in range(n)] for i in range(n)]
+        # Shortest routes between nodes (Floyd-Warshall on a handful of nodes).
+        self.dist = [
+            [0.0 if i == j else self._edge_cost(a, b) for j, b in enumerate(self.nodes)]
+            for i, a in enumerate(self.nodes)
+        ]
         self.next = [[j if self.dist[i][j] < inf else -1 for j in range(n)] for i in range(n)]
         for k in range(n):
             for i in range(n):
@@ -206,7 +211,9 @@ class _Geometry:
         contacts = []
         # Pushes on a face may come in slanted; the agent then slides along it, turning the T more.
         faces = [
-            (p, _rot(d, a), part) for p, d, part in faces for a in (_SLANTS if abs(d[0] * d[1]) < 0.1 else (0.0,))
+            (p, _rot(d, a), part)
+            for p, d, part in faces
+            for a in (_SLANTS if abs(d[0] * d[1]) < 0.1 else (0.0,))  # corners: straight only
         ]
         for p, d, part in faces:
             def at(u: float) -> tuple[float, float]:
@@ -280,7 +287,10 @@ class _State:
 
 def _read_state(env) -> _State:
     return _State(
-        tuple(env.agent.position), tuple(env.agent.velocity), tuple(env.block.position), float(env.block.angle)
+        tuple(env.agent.position),
+        tuple(env.agent.velocity),
+        tuple(env.block.position),
+        float(env.block.angle),
     )
 
 
@@ -321,7 +331,10 @@ class _Sim:
         agent, kp, kv, dt = env.agent, float(env.k_p), float(env.k_v), env.dt
         for _ in range(int(1 / (env.dt * env.control_hz))):
             (px, py), (vx, vy) = agent.position, agent.velocity
-            agent.velocity = (vx + (kp * (ax - px) + kv * (0.0 - vx)) * dt, vy + (kp * (ay - py) + kv * (0.0 - vy)) * dt)
+            agent.velocity = (
+                vx + (kp * (ax - px) + kv * (0.0 - vx)) * dt,
+                vy + (kp * (ay - py) + kv * (0.0 - vy)) * dt,
+            )
             env.space.step(dt)
 
     def error(self) -> float:
@@ -346,7 +359,8 @@ def _project(p: np.ndarray, center: np.ndarray, radius: float) -> np.ndarray:
 
 
 def limit_target(desired: np.ndarray, previous: np.ndarray, agent: np.ndarray) -> np.ndarray:
-    """The point nearest `desired` within MAX_TARGET_STEP of `previous`, MAX_REACH of `agent`, in the workspace."""
+    """The point nearest `desired` within MAX_TARGET_STEP of `previous` and MAX_REACH of `agent`,
+    inside the workspace."""
     p = np.asarray(desired, dtype=np.float64)
     for _ in range(4):  # alternating projections onto the two discs
         p = _project(_project(p, agent, MAX_REACH), previous, MAX_TARGET_STEP)
@@ -406,8 +420,7 @@ def _follow(
 @dataclass
 class _Plan:
     targets: list[np.ndarray]
-    score: float
-    travel_ticks: int
+    score: float  # lower is better; plans that bring the T no nearer its goal come last
 
 
 class PushTExpert(Teleoperator):
@@ -500,11 +513,21 @@ class PushTExpert(Teleoperator):
         first = 4 if e0 > 10.0 else 10
         for i, (k, _, stop) in enumerate(candidates):
             if i >= first and best is not None and best.score < _NO_GAIN:
-                break
+                break  # a plan that helps is in hand
             plan = self._simulate(state, k, stop)
             if plan is not None and (best is None or plan.score < best.score):
                 best = plan
-        if best is None or not best.targets:  # nothing useful: hold still for a tick
+        start = self._to_body(self._target, state)
+        if (best is None or best.score >= _NO_GAIN) and self._geometry.blocked(start):
+            # Nothing helps from here, in contact: back off from the T, then think again.
+            out = self._geometry.exit_point(start)
+            away = (out[0] + (out[0] - start[0]) * 0.5, out[1] + (out[1] - start[1]) * 0.5)
+            self._sim.set(state)
+            retreat = [np.asarray(self._to_world(away, state))]
+            speed = [self.style.push_speed]
+            moves = _follow(self._sim, self._target, retreat, speed, self.style.accel, 0.0, 1)
+            return [target for _, target in moves]
+        if best is None:  # nothing to do at all: hold still for a tick
             return [self._target.astype(np.float32)]
         return best.targets
 
@@ -580,16 +603,15 @@ class PushTExpert(Teleoperator):
         last_leg = len(waypoints) - 1
         # The agent lags its target and cuts corners: slow down there so it stays clear of the T.
         accel = style.accel * self._speed_scale
-        moves = _follow(sim, self._target, waypoints, speeds, accel, 0.7 * style.clearance, style.pause_ticks + 2)
-        n_travel = 0
+        corner = 0.7 * style.clearance
+        moves = _follow(sim, self._target, waypoints, speeds, accel, corner, style.pause_ticks + 2)
         for leg, target in moves:
             targets.append(target)
             if leg < last_leg:
-                n_travel += 1
                 continue
             e = sim.error()
             if e < 8.0 and sim.coverage() > sim.env.success_threshold + _SUCCESS_MARGIN:
-                return _Plan(targets, -1000.0 + len(targets), n_travel)
+                return _Plan(targets, -_NO_GAIN + len(targets))
             if leg == last_leg:  # still pushing: the agent would carry on past a stop here
                 continue
             score = e + self._time_weight(e_start) * len(targets)
@@ -597,8 +619,9 @@ class PushTExpert(Teleoperator):
                 best_score, best_n, best_e = score, len(targets), e
         if best_n == 0:
             return None
-        penalty = _NO_GAIN if best_e > e_start - 0.05 else 0.0  # no better than standing still
-        return _Plan(targets[:best_n], best_score + penalty, n_travel)
+        if best_e > e_start - 0.05:  # no better than standing still
+            return _Plan(targets[:best_n], _NO_GAIN + best_score)
+        return _Plan(targets[:best_n], best_score)
 
     def _time_weight(self, error: float) -> float:
         """Px of pose error one tick is worth; near the goal, precision matters more."""
