@@ -47,7 +47,7 @@ def lerobot_cmd(dataset: Path, policy: Path, steps: int, batch: int, out: Path) 
     return [str(BIN / "lerobot-train"), f"--dataset.repo_id=fedbot/{dataset.name}", f"--dataset.root={dataset}",
             f"--policy.path={policy}", "--policy.push_to_hub=false", f"--steps={steps}",
             f"--batch_size={batch}", f"--output_dir={out}", "--wandb.enable=false",
-            f"--save_freq={steps}", f"--log_freq={steps}", "--eval_freq=0"]
+            f"--save_freq={steps}", f"--log_freq={steps}"]
 
 
 def main() -> None:
