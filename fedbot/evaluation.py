@@ -7,6 +7,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import av.logging
 import torch
 from lerobot.utils.io_utils import write_video
 from rich.console import Console
@@ -79,6 +80,7 @@ def evaluate(
 
     With `out`, writes `rollout_<seed>.mp4` for the first `videos` episodes and `eval.json`.
     """
+    av.logging.set_level(av.logging.ERROR)  # libx264 otherwise prints its statistics per video
     if seed_start < EVAL_SEED_START:
         raise ValueError(f"evaluation seeds start at {EVAL_SEED_START} (lower seeds are for recording)")
     robot = PushTSim(PushTSimConfig(id="eval"))
