@@ -23,8 +23,9 @@ from coordinator.config import RunConfig
 from fedbot.evaluation import evaluate
 from fedbot.policy_io import LoadedPolicy
 from fedbot.presets import get_preset
-from fedbot.training import ACTION, InMemoryFrames, TrainState, open_dataset, policy_from_stats
+from fedbot.training import InMemoryFrames, TrainState, open_dataset, policy_from_stats
 from fedbot.transfer import load_weights, record_to_stats, stats_to_record, weights_to_record
+from hardware.pusht_sim import ACTION_KEY
 
 app = ClientApp()
 
@@ -52,7 +53,7 @@ def dataset_stats(msg: Message, context: Context) -> Message:
     """Summary statistics and feature shapes of the policy's inputs and actions in this robot's data."""
     run, node = _settings(context)
     meta = _metadata(node)
-    keys = [*get_preset(run.preset).input_keys, ACTION]
+    keys = [*get_preset(run.preset).input_keys, ACTION_KEY]
     features = {key: meta.features[key] for key in keys}
     info = ConfigRecord({"features": json.dumps(features), "frames": meta.total_frames,
                          "episodes": meta.total_episodes, "robot": node.name})

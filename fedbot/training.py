@@ -28,10 +28,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedbot.policy_io import LoadedPolicy, load_policy, publish_dir, save_policy
 from fedbot.presets import Preset
+from hardware.pusht_sim import ACTION_KEY
 
 log = logging.getLogger(__name__)
 
-ACTION = "action"
 CHECKPOINTS_DIR = "checkpoints"
 LAST_LINK = "last"
 PRETRAINED_DIR = "pretrained_model"
@@ -56,7 +56,7 @@ class InMemoryFrames:
         self.keys = list(config.input_features)
         columns = dataset.hf_dataset.with_format(None).data.table
         self.tensors: dict[str, torch.Tensor] = {}
-        for key in [*self.keys, ACTION]:
+        for key in [*self.keys, ACTION_KEY]:
             if meta.features[key]["dtype"] == "video":
                 self.tensors[key] = self._decode_video(dataset, key)
             else:
@@ -89,7 +89,7 @@ class InMemoryFrames:
         picks = torch.randint(len(self.sample_indices), (size,), generator=generator)
         index = self.sample_indices[picks]
         batch = {}
-        for key, deltas in [(k, self.obs_deltas) for k in self.keys] + [(ACTION, self.action_deltas)]:
+        for key, deltas in [(k, self.obs_deltas) for k in self.keys] + [(ACTION_KEY, self.action_deltas)]:
             window = index[:, None] + deltas[None, :]
             lo, hi = self.episode_from[index][:, None], self.episode_to[index][:, None] - 1
             batch[f"{key}_is_pad"] = (window < lo) | (window > hi)
