@@ -44,9 +44,6 @@ class LoadedPolicy:
         )
         return action.squeeze(0).cpu()
 
-    def save(self, directory: Path) -> None:
-        save_policy(directory, self)
-
 
 def save_policy(directory: Path, loaded: LoadedPolicy) -> None:
     """Write the policy and its processors to the new `directory` atomically (write, fsync, rename)."""

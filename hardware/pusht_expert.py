@@ -30,7 +30,6 @@ import gym_pusht  # noqa: F401  (registers gym_pusht/PushT-v0)
 import numpy as np
 from lerobot.teleoperators.config import TeleoperatorConfig
 from lerobot.teleoperators.teleoperator import Teleoperator
-from pymunk.vec2d import Vec2d
 
 from hardware.pusht_sim import ACTION_KEY, PushTSim
 
