@@ -58,6 +58,7 @@ _COMMON = dict(
     normalization_mapping={
         "VISUAL": NormalizationMode.MEAN_STD,
         "STATE": NormalizationMode.MIN_MAX,
+        "ENV": NormalizationMode.MIN_MAX,  # observation.environment_state; lerobot's default leaves it raw
         "ACTION": NormalizationMode.MIN_MAX,
     },
     vision_backbone="resnet18",

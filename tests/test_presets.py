@@ -38,3 +38,18 @@ def test_unknown_preset_and_missing_features_are_clear_errors():
     without_env_state = {k: v for k, v in FEATURES.items() if k != "observation.environment_state"}
     with pytest.raises(ValueError, match="observation.environment_state"):
         get_preset("pusht-state").make_config(without_env_state)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_input_and_the_action_are_normalized(name, small_dataset):
+    """lerobot's default mapping has no entry for ENV features: they would reach the net in pixels."""
+    import torch
+
+    from fedbot.training import InMemoryFrames, new_policy, open_dataset
+
+    dataset = open_dataset(small_dataset)
+    loaded = new_policy(get_preset(name), dataset, device="cpu")
+    batch = loaded.preprocessor(InMemoryFrames(dataset, loaded.policy.config).batch(32, torch.Generator()))
+    for key in [*loaded.policy.config.input_features, "action"]:
+        if key != "observation.image":  # images are mean/std normalized, not bounded
+            assert batch[key].abs().max() <= 1.0 + 1e-5, key
