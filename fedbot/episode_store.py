@@ -27,6 +27,7 @@ import fcntl
 import itertools
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from lerobot.datasets.io_utils import load_info
@@ -135,8 +136,9 @@ class EpisodeStore:
         """Save the open episode and make it visible atomically. Returns the new episode count."""
         if self.dataset is None or self._work is None:
             raise RuntimeError("no episode is open")
-        self.dataset.save_episode()
-        self.dataset.finalize()
+        with keep_scheduling_policy():
+            self.dataset.save_episode()
+            self.dataset.finalize()
         total = self.dataset.meta.total_episodes
         _fsync_tree(self._work)
         version = self._versions / f"{total:06d}"
@@ -149,6 +151,22 @@ class EpisodeStore:
         self._work, self.dataset = None, None
         self.recover()
         return total
+
+
+@contextmanager
+def keep_scheduling_policy():
+    """Undo what the video encoder does to the calling thread's CPU scheduling.
+
+    libSvtAv1Enc (the AV1 encoder lerobot uses through PyAV) switches the thread that encodes to
+    SCHED_FIFO priority 99 when it may (as root). Everything that thread does afterwards (training,
+    the control loop) and every process it starts then runs real-time and starves the machine.
+    """
+    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    try:
+        yield
+    finally:
+        if (os.sched_getscheduler(0), os.sched_getparam(0)) != (policy, param):
+            os.sched_setscheduler(0, policy, param)
 
 
 def _clone_version(src: Path, dst: Path) -> None:

@@ -1,5 +1,6 @@
 """Recording into crash-safe LeRobot datasets, including real recorder processes killed by SIGKILL."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,10 @@ def assert_readable(root: Path, episodes: int) -> None:
 
 def test_recorded_dataset_loads_offline_and_appends(tmp_path):
     root = tmp_path / "robot0"
+    policy = os.sched_getscheduler(0), os.sched_getparam(0)
     assert record_wander(root, 2, STEPS) == 2
+    # The AV1 encoder makes its thread real-time (as root); the recorder must not stay that way.
+    assert (os.sched_getscheduler(0), os.sched_getparam(0)) == policy
     assert_readable(root, 2)
     dataset = load(root)
     assert dataset.meta.fps == 10
