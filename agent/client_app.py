@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 import zlib
 
 import torch
@@ -71,10 +72,13 @@ def train(msg: Message, context: Context) -> Message:
     frames = InMemoryFrames(dataset, loaded.policy.config)
     penalty = _proximal_term(loaded.policy, float(config.get("proximal-mu", 0.0)))
     seed = zlib.crc32(f"{node.name}/{config.get('server-round', 0)}".encode())
+    started = time.perf_counter()
     loss = state.train_steps(frames, run.local_steps, run.batch_size, torch.Generator().manual_seed(seed),
                              penalty=penalty)
+    train_seconds = time.perf_counter() - started
     _save_optimizer(state, context)
-    metrics = MetricRecord({"num-examples": frames.num_frames, "train-loss": loss, "local-step": state.step})
+    metrics = MetricRecord({"num-examples": frames.num_frames, "train-loss": loss, "local-step": state.step,
+                            "train-seconds": train_seconds})
     return Message(RecordDict({"arrays": weights_to_record(loaded.policy, run.weights_dtype),
                                "metrics": metrics}), reply_to=msg)
 

@@ -2,9 +2,11 @@
 
     <output-dir>/<date_time>/
         global_model/round_N/       lerobot checkpoint + manifest.json (round, sha256, metrics, parent, time)
+                                    [+ strategy_state.safetensors: a server optimizer's state, FedAdam]
         evaluate/round_N/server/    rollouts of the server-side evaluation
         registry.json               every saved model; which is the best and which the latest
         metrics.jsonl, metrics.png  one line per round; curves refreshed each round
+        replies.jsonl               what every robot sent back: record kinds, array names/shapes, keys
         state.json                  the run config and whether the run finished (for resume)
 
 Every JSON file is written atomically; a model directory appears complete or not at all.
@@ -14,19 +16,24 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
 
 from agent.inbox import MANIFEST, WEIGHTS, sha256_file
 from coordinator.config import RunConfig
 from fedbot.evaluation import write_json_atomic
 from fedbot.policy_io import LoadedPolicy, save_policy
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("fedbot.coordinator.registry")
 
 # Settings that must be equal for a restarted coordinator to continue a run rather than start anew.
 RESUME_KEYS = ("preset", "strategy", "weights_dtype")
+STRATEGY_STATE = "strategy_state.safetensors"
 
 
 class RunDirectory:
@@ -63,12 +70,17 @@ class RunDirectory:
         latest = self.registry["latest"]
         return (latest, self.models / f"round_{latest}") if latest is not None else None
 
-    def save_model(self, server_round: int, loaded: LoadedPolicy, metrics: dict) -> dict:
+    def save_model(self, server_round: int, loaded: LoadedPolicy, metrics: dict,
+                   strategy_state: dict[str, np.ndarray] | None = None) -> dict:
         """Save the global model of a round with its manifest and update the registry."""
         registry = self.registry
         directory = self.models / f"round_{server_round}"
         if not directory.exists():
             save_policy(directory, loaded)
+        if strategy_state:
+            tmp = directory / f".{STRATEGY_STATE}.tmp-{os.getpid()}"
+            save_file(strategy_state, str(tmp))
+            os.replace(tmp, directory / STRATEGY_STATE)
         manifest = {
             "round": server_round,
             "sha256": sha256_file(directory / WEIGHTS),
@@ -83,11 +95,28 @@ class RunDirectory:
         write_json_atomic(self.root / "registry.json", registry)
         return manifest
 
+    def strategy_state(self, server_round: int) -> dict[str, np.ndarray]:
+        path = self.models / f"round_{server_round}" / STRATEGY_STATE
+        return load_file(str(path)) if path.exists() else {}
+
     # -- metrics ----------------------------------------------------------------------------
     def append_metrics(self, row: dict) -> None:
         with open(self.root / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         self.plot()
+
+    def forget_rounds_after(self, server_round: int) -> None:
+        """Drop metrics of rounds after the model a resumed run continues from (they are redone)."""
+        rows = [row for row in self.metrics() if row["round"] <= server_round]
+        if len(rows) < len(self.metrics()):
+            tmp = self.root / f".metrics.jsonl.tmp-{os.getpid()}"
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+            os.replace(tmp, self.root / "metrics.jsonl")
+
+    def audit(self, what: str, node_id: int, content: dict) -> None:
+        """Record what one robot's reply carried (see fedbot.transfer.describe_content)."""
+        with open(self.root / "replies.jsonl", "a") as f:
+            f.write(json.dumps({"what": what, "node": node_id, "content": content}) + "\n")
 
     def metrics(self) -> list[dict]:
         path = self.root / "metrics.jsonl"

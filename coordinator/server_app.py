@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -22,7 +23,7 @@ from fedbot.policy_io import LoadedPolicy, load_policy
 from fedbot.presets import get_preset
 from fedbot.training import policy_from_stats
 from fedbot.transfer import (
-    aggregate_node_stats, load_weights, record_to_stats, stats_to_record, weights_to_record,
+    aggregate_node_stats, describe_content, load_weights, record_to_stats, stats_to_record, weights_to_record,
 )
 
 log = logging.getLogger("fedbot.coordinator")
@@ -52,20 +53,39 @@ def wait_for_nodes(grid: Grid, count: int) -> list[int]:
     return nodes
 
 
-def replies_ok(replies: list[Message], what: str) -> list[Message]:
+def fit_to_live_nodes(strategy, run: RunConfig, nodes: list[int]) -> None:
+    """Lower the strategy's node minimums to the robots connected now.
+
+    `min-nodes` robots must be there when a coordinator (re)starts its rounds; after that a robot
+    that drops out must not stall the others, but Flower's `configure_*` would wait forever for it.
+    """
+    if len(nodes) < run.min_nodes:
+        log.warning("continuing with %d of %d robots (min-nodes)", len(nodes), run.min_nodes)
+    live = max(1, min(run.min_nodes, len(nodes)))
+    strategy.min_available_nodes = strategy.min_train_nodes = strategy.min_evaluate_nodes = live
+
+
+def exchange(grid: Grid, messages: list[Message], run: RunConfig, what: str, directory: RunDirectory):
+    """Send, receive within the round timeout, log failures, audit what every robot sent back."""
+    replies = list(grid.send_and_receive(messages, timeout=run.round_timeout))
     good = [r for r in replies if not r.has_error()]
     for reply in replies:
         if reply.has_error():
             log.warning("%s: a robot failed (code %s): %s", what, reply.error.code, reply.error.reason)
-    return good
+        else:
+            directory.audit(what, reply.metadata.src_node_id, describe_content(reply.content))
+    missing = len(messages) - len(replies)
+    if missing:
+        log.warning("%s: %d robots did not answer within %.0f s", what, missing, run.round_timeout)
+    return good, len(messages) - len(good)
 
 
-def federated_stats(grid: Grid, run: RunConfig) -> tuple[dict, dict]:
+def federated_stats(grid: Grid, run: RunConfig, directory: RunDirectory) -> tuple[dict, dict]:
     """Ask every robot for its dataset summary and aggregate them: global stats and features."""
     nodes = wait_for_nodes(grid, run.min_nodes)
     config = RecordDict({"config": ConfigRecord({"preset": run.preset})})
     messages = [Message(config, dst_node_id=node, message_type="query.stats") for node in nodes]
-    replies = replies_ok(list(grid.send_and_receive(messages, timeout=run.round_timeout)), "statistics")
+    replies, _ = exchange(grid, messages, run, "statistics", directory)
     if len(replies) < run.min_nodes:
         raise RuntimeError(f"only {len(replies)} robots sent statistics; min-nodes is {run.min_nodes}")
     features = json.loads(replies[0].content["info"]["features"])
@@ -85,12 +105,16 @@ def with_stats(messages, stats_record) -> list[Message]:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    logging.basicConfig(level=logging.INFO)
+    # stdout, which Flower streams to `flwr run --stream` / `flwr log`; force: imports may have
+    # configured the root logger already. Other libraries' INFO (every HTTP request) stays out.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stdout, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fedbot").setLevel(logging.INFO)
     run = RunConfig.from_run_config(context.run_config)
     directory = RunDirectory.open(run)
     resumed = directory.latest_model()
     if resumed is None:
-        stats, features = federated_stats(grid, run)
+        stats, features = federated_stats(grid, run, directory)
         loaded = policy_from_stats(get_preset(run.preset), features, stats)
         start_round = 0
     else:
@@ -103,14 +127,19 @@ def main(grid: Grid, context: Context) -> None:
     strategy = make_strategy(run)
     if start_round == 0:
         directory.save_model(0, loaded, {})
+    else:
+        restore_strategy_state(strategy, directory.strategy_state(start_round))
+        directory.forget_rounds_after(start_round)
 
     for server_round in range(start_round + 1, run.num_server_rounds + 1):
         started = time.monotonic()
-        wait_for_nodes(grid, run.min_nodes)
+        first = server_round == start_round + 1
+        fit_to_live_nodes(strategy, run, wait_for_nodes(grid, run.min_nodes if first else 1))
         messages = with_stats(strategy.configure_train(server_round, arrays, ConfigRecord(), grid), stats_record)
         sent = sum(m.content["arrays"].count_bytes() for m in messages)
-        replies = list(grid.send_and_receive(messages, timeout=run.round_timeout))
-        good = replies_ok(replies, f"round {server_round} training")
+        log.info("round %d: training on %d robots", server_round, len(messages))
+        exchange_started = time.monotonic()
+        good, failed = exchange(grid, messages, run, f"round {server_round} training", directory)
         received = sum(r.content["arrays"].count_bytes() for r in good)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, good)
         if new_arrays is None:
@@ -118,14 +147,18 @@ def main(grid: Grid, context: Context) -> None:
         else:
             arrays = new_arrays
             load_weights(loaded.policy, arrays)
-        row = {"round": server_round, "robots": len(good), "failed": len(replies) - len(good),
+        row = {"round": server_round, "robots": len(good), "failed": failed,
                "train-loss": train_metrics.get("train-loss") if train_metrics else None,
-               "bytes-sent": sent, "bytes-received": received}
+               "bytes-sent": sent, "bytes-received": received,
+               # wall time of the training exchange, and the longest pure local training in it
+               "train-round-seconds": time.monotonic() - exchange_started,
+               "local-train-seconds": max((r.content["metrics"]["train-seconds"] for r in good), default=0.0)}
         if server_round % run.eval_every == 0 or server_round == run.num_server_rounds:
             row.update(evaluate_round(grid, run, strategy, server_round, arrays, stats_record, loaded, directory))
         row["seconds"] = time.monotonic() - started
         if server_round % run.save_every == 0 or server_round == run.num_server_rounds:
-            directory.save_model(server_round, loaded, {k: v for k, v in row.items() if k != "round"})
+            directory.save_model(server_round, loaded, {k: v for k, v in row.items() if k != "round"},
+                                 strategy_state(strategy))
         directory.append_metrics(row)
         log.info("round %d: %s", server_round, row)
 
@@ -134,16 +167,17 @@ def main(grid: Grid, context: Context) -> None:
     log.info("run finished: %s", directory.root)
 
 
-def evaluate_round(grid, run, strategy, server_round, arrays, stats_record, loaded: LoadedPolicy, directory) -> dict:
+def evaluate_round(grid, run, strategy, server_round, arrays, stats_record, loaded: LoadedPolicy,
+                   directory: RunDirectory) -> dict:
     """Server-side evaluation in the sim on held-out seeds, then the robots' own evaluation."""
     report = evaluate(loaded, run.eval_episodes, directory.root / "evaluate" / f"round_{server_round}" / "server",
                       videos=1, policy_name=f"global round {server_round}")
     result = {"server-success-rate": report.success_rate, "server-mean-max-coverage": report.mean_max_coverage}
+    fit_to_live_nodes(strategy, run, wait_for_nodes(grid, 1))
     messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
     if messages:
-        replies = replies_ok(list(grid.send_and_receive(with_stats(messages, stats_record),
-                                                        timeout=run.round_timeout)),
-                             f"round {server_round} evaluation")
+        replies, _ = exchange(grid, with_stats(messages, stats_record), run, f"round {server_round} evaluation",
+                              directory)
         metrics = strategy.aggregate_evaluate(server_round, replies)
         if metrics:
             result["client-success-rate"] = metrics.get("success-rate")
@@ -159,9 +193,26 @@ def deploy(grid: Grid, run: RunConfig, directory: RunDirectory, arrays, stats_re
     content = RecordDict({"arrays": arrays, "stats": stats_record,
                           "manifest": ConfigRecord({"json": json.dumps(manifest)})})
     messages = [Message(content, dst_node_id=node, message_type="query.deploy") for node in nodes]
-    replies = replies_ok(list(grid.send_and_receive(messages, timeout=run.round_timeout)), "deploy")
+    replies, _ = exchange(grid, messages, run, "deploy", directory)
     for reply in replies:
         log.info("deployed round %d to %s", final_round, reply.content["deployed"]["robot"])
+
+
+def strategy_state(strategy) -> dict:
+    """Server-optimizer state that a resumed run needs (FedAdam's moments); empty for FedAvg/FedProx."""
+    state = {}
+    for name in ("m_t", "v_t"):
+        for key, value in (getattr(strategy, name, None) or {}).items():
+            state[f"{name}/{key}"] = value
+    return state
+
+
+def restore_strategy_state(strategy, state: dict) -> None:
+    for name in ("m_t", "v_t"):
+        moments = {key.split("/", 1)[1]: value for key, value in state.items() if key.startswith(f"{name}/")}
+        if moments:
+            setattr(strategy, name, moments)
+            log.info("restored %s of %s (%d arrays)", name, type(strategy).__name__, len(moments))
 
 
 def loaded_stats(loaded: LoadedPolicy) -> dict:

@@ -73,3 +73,19 @@ def record_to_stats(record: ArrayRecord) -> dict[str, dict[str, np.ndarray]]:
 def aggregate_node_stats(per_node: list[dict[str, dict[str, np.ndarray]]]) -> dict[str, dict[str, np.ndarray]]:
     """Global statistics from the nodes' summaries, with lerobot's own aggregation."""
     return aggregate_stats(per_node)
+
+
+def describe_content(content) -> dict:
+    """What a message carries, without the values: record kinds, array names/dtypes/shapes, keys.
+
+    The coordinator logs this for every reply, so that a lab can audit what left each robot.
+    """
+    described = {}
+    for name, record in content.items():
+        if isinstance(record, ArrayRecord):
+            arrays = {key: {"dtype": array.dtype, "shape": list(array.shape)} for key, array in record.items()}
+            described[name] = {"kind": "arrays", "arrays": arrays, "bytes": record.count_bytes()}
+        else:
+            values = {key: type(value).__name__ for key, value in record.items()}
+            described[name] = {"kind": type(record).__name__, "values": values}
+    return described

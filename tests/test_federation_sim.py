@@ -14,15 +14,10 @@ import pytest
 from agent.inbox import sha256_file
 from fedbot.policy_io import load_policy
 from helpers import record_wander
+from processes import free_port
 
 PROJECT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 120.0) -> None:

@@ -1,0 +1,53 @@
+"""The robot's Flower SuperNode: how it is started against the coordinator's SuperLink.
+
+The SuperNode is a real `flower-supernode` process. Its node config tells the ClientApp where this
+robot's dataset, model inbox and outputs are (agent/node.py). With TLS it trusts the lab's CA; with
+authentication it signs in with the robot's private key (`fedbot-coordinator credentials`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+BIN = Path(sys.executable).parent  # flower-supernode and flower-superexec live beside python
+
+# torch's OpenMP threads spin while they wait. Where a ClientApp or the ServerApp shares the cores
+# (the robot's control loop, another ClientApp, the sim evaluation), spinning threads slow everyone
+# down many times over; passive waiting costs little when the process has the cores to itself.
+CPU_SHARING = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+@dataclass(frozen=True)
+class SuperNodeSettings:
+    superlink: str  # host:port of the coordinator's SuperLink
+    dataset_root: Path
+    model_inbox: Path
+    output_dir: Path
+    robot_id: str
+    port: int = 9094  # the SuperNode's own Runtime API (one per SuperNode on a host)
+    root_certificates: Path | None = None  # the lab CA; None = insecure (local development)
+    auth_key: Path | None = None  # the robot's private key, for SuperNode authentication
+
+    def node_config(self) -> str:
+        values = {"dataset-root": self.dataset_root, "model-inbox": self.model_inbox,
+                  "output-dir": self.output_dir, "robot-id": self.robot_id}
+        return " ".join(f"{key}='{Path(value).resolve() if key != 'robot-id' else value}'"
+                        for key, value in values.items())
+
+    def command(self) -> list[str]:
+        command = [str(BIN / "flower-supernode"), "--superlink", self.superlink, "--port", str(self.port),
+                   "--node-config", self.node_config()]
+        if self.root_certificates is None:
+            command.append("--insecure")
+        else:
+            command += ["--root-certificates", str(Path(self.root_certificates).resolve())]
+        if self.auth_key is not None:
+            command += ["--auth-supernode-private-key", str(Path(self.auth_key).resolve())]
+        return command
+
+    def environment(self, flwr_home: Path) -> dict[str, str]:
+        path = f"{BIN}:{os.environ.get('PATH', '')}"
+        return {**os.environ, **CPU_SHARING, "FLWR_HOME": str(flwr_home), "PATH": path}

@@ -1,0 +1,106 @@
+"""Credentials for a production federation: TLS for the SuperLink and SuperNode authentication keys.
+
+    <dir>/ca.crt, ca.key           the lab's certificate authority (robots trust ca.crt)
+    <dir>/server.pem, server.key   the SuperLink's certificate, valid for the given hosts/IPs
+    <dir>/robots/<name>, <name>.pub
+                                   one ECDSA P-384 key pair per robot in OpenSSH format: the public
+                                   key is registered with `flwr supernode register`, the private
+                                   key goes to the robot (`flower-supernode --auth-supernode-private-key`)
+
+Generated with `cryptography` (already a Flower dependency) rather than an openssl/ssh-keygen
+script, so a fresh machine needs no extra tools. Existing files are kept (a new server
+certificate is signed by the existing CA; existing robot keys stay registered); every file is
+written atomically and private keys are readable by their owner only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+CA_CERT, CA_KEY = "ca.crt", "ca.key"
+SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
+ROBOTS_DIR = "robots"
+VALID_DAYS = 825
+
+
+def _write(path: Path, data: bytes, private: bool = False) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _pem_key(key) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _certificate(subject: str, public_key, issuer: x509.Name | None, signer, *, ca: bool, hosts=()):
+    now = datetime.now(timezone.utc)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    builder = (x509.CertificateBuilder()
+               .subject_name(name).issuer_name(issuer or name).public_key(public_key)
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=VALID_DAYS))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if hosts:
+        names = []
+        for host in hosts:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                names.append(x509.DNSName(host))
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return builder.sign(signer, hashes.SHA256())
+
+
+def ensure_ca(out: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The CA in `out`, created if missing."""
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / CA_CERT).exists() and (out / CA_KEY).exists():
+        key = serialization.load_pem_private_key((out / CA_KEY).read_bytes(), password=None)
+        return x509.load_pem_x509_certificate((out / CA_CERT).read_bytes()), key
+    key = ec.generate_private_key(ec.SECP384R1())
+    cert = _certificate("fedbot federation CA", key.public_key(), None, key, ca=True)
+    _write(out / CA_KEY, _pem_key(key), private=True)
+    _write(out / CA_CERT, cert.public_bytes(serialization.Encoding.PEM))
+    return cert, key
+
+
+def make_server_certificate(out: Path, hosts: list[str]) -> Path:
+    """A SuperLink certificate for `hosts` (names or IPs robots dial), signed by the CA."""
+    if not hosts:
+        raise ValueError("the SuperLink certificate needs at least one host name or IP address")
+    ca_cert, ca_key = ensure_ca(out)
+    key = ec.generate_private_key(ec.SECP384R1())
+    cert = _certificate(hosts[0], key.public_key(), ca_cert.subject, ca_key, ca=False, hosts=hosts)
+    _write(out / SERVER_KEY, _pem_key(key), private=True)
+    _write(out / SERVER_CERT, cert.public_bytes(serialization.Encoding.PEM))
+    return out / SERVER_CERT
+
+
+def ensure_robot_key(out: Path, robot: str) -> Path:
+    """The robot's authentication key pair (kept if it exists); returns the public key's path."""
+    if not robot or "/" in robot or robot.startswith("."):
+        raise ValueError(f"invalid robot name {robot!r}")
+    directory = out / ROBOTS_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    private, public = directory / robot, directory / f"{robot}.pub"
+    if not (private.exists() and public.exists()):
+        key = ec.generate_private_key(ec.SECP384R1())
+        _write(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                          serialization.NoEncryption()), private=True)
+        _write(public, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                     serialization.PublicFormat.OpenSSH) + b"\n")
+    return public

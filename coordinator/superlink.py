@@ -1,0 +1,185 @@
+"""The coordinator's Flower SuperLink process and the `flwr` CLI pointed at it.
+
+`SuperLink` starts a real `flower-superlink` (insecure for local development, or TLS with optional
+SuperNode authentication), keeps its state in a database under the coordinator's state directory
+(runs, registered robots), and stops it with the coordinator: the child gets SIGTERM if the
+coordinator dies (PR_SET_PDEATHSIG), so a killed coordinator leaves no SuperLink behind.
+
+`flwr` commands reach it through a connection named `fedbot` in a FLWR_HOME of its own, so the
+operator's `~/.flwr` is never touched: `FLWR_HOME=<state-dir>/flwr-home flwr ls fedbot`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.supernode import CPU_SHARING
+from coordinator.credentials import CA_CERT, SERVER_CERT, SERVER_KEY
+
+log = logging.getLogger("fedbot.coordinator")
+CONNECTION = "fedbot"
+BIN = Path(sys.executable).parent  # flower-superlink, flwr and flower-superexec live beside python
+ACTIVE_RUN_STATES = ("pending", "starting", "running")
+
+
+@dataclass(frozen=True)
+class SuperLinkSettings:
+    """Where the SuperLink listens, where it keeps its state, and how it is secured."""
+
+    state_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 9092
+    tls_dir: Path | None = None  # holds ca.crt, server.pem, server.key (`fedbot-coordinator credentials`)
+    auth: bool = False  # only registered robots may join (needs TLS)
+
+    def __post_init__(self):
+        if self.auth and self.tls_dir is None:
+            raise ValueError("SuperNode authentication needs TLS: give --tls DIR as well as --auth")
+        if self.tls_dir is not None:
+            missing = [n for n in (CA_CERT, SERVER_CERT, SERVER_KEY) if not (self.tls_dir / n).is_file()]
+            if missing:
+                raise ValueError(f"TLS directory {self.tls_dir} lacks {missing}; create them with "
+                                 "`fedbot-coordinator credentials --out DIR --host HOST`")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.state_dir / "flwr-home"
+
+    def command(self) -> list[str]:
+        command = [str(BIN / "flower-superlink"), "--host", self.host, "--port", str(self.port),
+                   "--database", str(self.state_dir / "superlink.db"),
+                   "--disable-runtime-dependency-installation"]  # the venv is the runtime; no downloads
+        if self.tls_dir is None:
+            return command + ["--insecure"]
+        tls = self.tls_dir.resolve()
+        command += ["--ssl-ca-certfile", str(tls / CA_CERT), "--ssl-certfile", str(tls / SERVER_CERT),
+                    "--ssl-keyfile", str(tls / SERVER_KEY)]
+        return command + (["--enable-supernode-auth"] if self.auth else [])
+
+    def connection_toml(self) -> str:
+        lines = ["[superlink]", f'default = "{CONNECTION}"', f"[superlink.{CONNECTION}]",
+                 f'address = "{self.address}"']
+        if self.tls_dir is None:
+            lines.append("insecure = true")
+        else:
+            lines.append(f'root-certificates = "{(self.tls_dir / CA_CERT).resolve()}"')
+        return "\n".join(lines) + "\n"
+
+    def environment(self) -> dict[str, str]:
+        return {**os.environ, **CPU_SHARING, "FLWR_HOME": str(self.flwr_home), "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the coordinator process dies, however it dies."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+
+
+class SuperLink:
+    """One supervised `flower-superlink` process."""
+
+    def __init__(self, settings: SuperLinkSettings):
+        self.settings = settings
+        self.process: subprocess.Popen | None = None
+
+    def start(self, ready_timeout: float = 120.0) -> None:
+        settings = self.settings
+        settings.flwr_home.mkdir(parents=True, exist_ok=True)
+        (settings.flwr_home / "config.toml").write_text(settings.connection_toml())
+        log_file = open(settings.state_dir / "superlink.log", "ab")
+        # Its own process group, so that stopping it also reaches the SuperExec and ServerApp it spawns.
+        self.process = subprocess.Popen(settings.command(), stdout=log_file, stderr=subprocess.STDOUT,
+                                        env=settings.environment(), start_new_session=True,
+                                        preexec_fn=_die_with_parent)
+        log_file.close()
+        self._wait_ready(ready_timeout)
+        log.info("SuperLink up at %s (%s), pid %d, log %s", settings.address,
+                 "insecure" if settings.tls_dir is None else "TLS" + (" + robot auth" if settings.auth else ""),
+                 self.process.pid, settings.state_dir / "superlink.log")
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Until the SuperLink answers `flwr ls` (it accepts TCP before its APIs are served)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.alive():
+                raise RuntimeError(f"flower-superlink exited with {self.process.returncode}; "
+                                   f"see {self.settings.state_dir / 'superlink.log'}")
+            if _port_open(self.settings.host, self.settings.port) and self.flwr("ls", check=False).returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"SuperLink at {self.settings.address} not ready after {timeout:.0f} s")
+            try:
+                self.process.wait(timeout=0.5)  # wakes at once if it exits; otherwise a short back-off
+            except subprocess.TimeoutExpired:
+                pass
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM to the SuperLink's process group, SIGKILL after `timeout`, then to any leftover child."""
+        if self.process is None:
+            return
+        _signal_group(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _signal_group(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        _signal_group(self.process.pid, signal.SIGKILL)  # a SuperExec may outlive its SuperLink
+
+    # -- the flwr CLI against this SuperLink -----------------------------------------------------
+    def flwr(self, *args: str, check: bool = True, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        result = subprocess.run([str(BIN / "flwr"), *args], capture_output=True, text=True,
+                                env=self.settings.environment(), timeout=timeout)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"`flwr {' '.join(args)}` failed: {(result.stdout + result.stderr).strip()[-2000:]}")
+        return result
+
+    def flwr_json(self, *args: str) -> dict:
+        return json.loads(self.flwr(*args, CONNECTION, "--format", "json").stdout)
+
+    def register_robots(self, public_keys: list[Path]) -> None:
+        """Register robots' public keys (`flwr supernode register`); registered keys stay as they are."""
+        for key in public_keys:
+            result = self.flwr("supernode", "register", str(Path(key).resolve()), CONNECTION, check=False)
+            output = result.stdout + result.stderr
+            if result.returncode == 0:
+                log.info("registered robot key %s", key)
+            elif "already in use" not in output:  # Flower's answer for a key registered before
+                raise RuntimeError(f"could not register robot key {key}: {output.strip()[-1000:]}")
+
+    def stop_stale_runs(self) -> None:
+        """Stop runs a previous coordinator left active; their state continues in a new run."""
+        for run in self.flwr_json("ls").get("runs", []):
+            if str(run.get("status", "")).split(":")[0] in ACTIVE_RUN_STATES:
+                log.info("stopping run %s left by a previous coordinator", run["run-id"])
+                self.flwr("stop", str(run["run-id"]), CONNECTION, check=False)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1.0).close()
+        return True
+    except OSError:
+        return False

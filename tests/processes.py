@@ -1,0 +1,80 @@
+"""Real processes for the federation tests: ports, a line-by-line log follower, process groups."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Followed:
+    """A process whose combined output is copied to a log file and can be waited on line by line."""
+
+    def __init__(self, command: list[str], log: Path, env: dict, cwd: Path | None = None):
+        self.log = log
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        env=env, cwd=cwd, start_new_session=True)
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._copy, daemon=True)
+        self._thread.start()
+
+    def _copy(self) -> None:
+        with open(self.log, "a") as out:
+            for line in self.process.stdout:
+                out.write(line)
+                out.flush()
+                self._lines.put(line)
+        self._lines.put(None)
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        """Block until a line matches `pattern` (fails if the process ends or `timeout` passes first)."""
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no line matching {pattern!r} within {timeout} s; see {self.log}") from None
+            if line is None:
+                raise AssertionError(f"process ended before a line matched {pattern!r}; see {self.log}")
+            if match := regex.search(line):
+                return match
+
+    def wait(self, timeout: float) -> int:
+        code = self.process.wait(timeout=timeout)
+        self._thread.join(timeout=30)
+        return code
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def kill_group(self, sig: int = signal.SIGKILL) -> None:
+        kill_group(self.process.pid, sig)
+        self.process.wait(timeout=60)
+
+
+def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False

@@ -1,0 +1,48 @@
+"""`fedbot-coordinator`: credentials, and clear errors for settings that cannot work."""
+
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+BIN = Path(sys.executable).parent
+
+
+def coordinator(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "fedbot-coordinator"), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_credentials_make_a_ca_signed_server_certificate_and_robot_keys(tmp_path):
+    out = tmp_path / "tls"
+    result = coordinator("credentials", "--out", str(out), "--host", "127.0.0.1", "--host", "lab.local",
+                         "--robot", "robot0")
+    assert result.returncode == 0, result.stderr
+    ca = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((out / "server.pem").read_bytes())
+    server.verify_directly_issued_by(ca)
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert names.get_values_for_type(x509.DNSName) == ["lab.local"]
+    private = out / "robots" / "robot0"
+    key = load_ssh_private_key(private.read_bytes(), password=None)
+    assert key.public_key() == load_ssh_public_key((out / "robots" / "robot0.pub").read_bytes())
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600 and stat.S_IMODE((out / "ca.key").stat().st_mode) == 0o600
+
+    # Again, for a new robot: the CA and robot0's key (registered already) stay as they are.
+    before = (out / "ca.crt").read_bytes(), private.read_bytes()
+    assert coordinator("credentials", "--out", str(out), "--host", "127.0.0.1", "--robot", "robot1").returncode == 0
+    assert ((out / "ca.crt").read_bytes(), private.read_bytes()) == before
+    assert (out / "robots" / "robot1.pub").exists()
+
+
+def test_settings_that_cannot_work_are_refused_with_the_reason(tmp_path):
+    result = coordinator("run", "--state-dir", str(tmp_path / "s"), "--auth")
+    assert result.returncode == 2 and "authentication needs TLS" in result.stderr
+    (tmp_path / "tls").mkdir()
+    result = coordinator("run", "--state-dir", str(tmp_path / "s"), "--tls", str(tmp_path / "tls"))
+    assert result.returncode == 2 and "server.pem" in result.stderr
+    result = coordinator("run", "--state-dir", str(tmp_path / "s"), "--register", str(tmp_path / "nope.pub"))
+    assert result.returncode == 2 and "nope.pub" in result.stderr
