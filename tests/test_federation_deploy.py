@@ -1,9 +1,11 @@
 """The deployment engine on localhost: `fedbot-coordinator` (a real SuperLink) and real SuperNodes.
 
-Insecure: three robots, one killed mid-round; the run finishes with the other two, `flwr ls` and
-`flwr log` answer, and every reply a robot sent holds weights, summaries and metrics only.
-Production: TLS + SuperNode authentication; an unregistered robot is refused; the coordinator is
-killed after round 1 and, restarted, continues at round 2 (FedAdam's moments restored).
+One production scenario (each ClientApp message costs a process start of ~15 s on 2 cores, so the
+checks share one run): TLS + SuperNode authentication with an unregistered robot refused; three
+robots, one SIGKILLed mid-round, the round finishing with the other two; `flwr ls` and `flwr log`
+against the coordinator's SuperLink; the coordinator SIGKILLed after round 1 and, restarted,
+continuing at round 2 with FedAdam's moments; and every reply holding weights, summaries and
+metrics only. The insecure (local development) mode runs in bench/bench_round_overhead.py.
 """
 
 import json
@@ -18,7 +20,7 @@ import pytest
 from agent.supernode import SuperNodeSettings
 from coordinator.credentials import ensure_robot_key, make_server_certificate
 from fedbot.presets import get_preset
-from fedbot.training import open_dataset
+from fedbot.training import new_policy, open_dataset
 from helpers import record_wander
 from processes import Followed, free_port, group_alive
 
@@ -89,36 +91,59 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_killed_robot_does_not_hang_the_run_and_replies_hold_no_data(lab, fleet):
-    coordinator = lab.coordinator(run_config=TINY_RUN + " min-nodes=3")
-    robots = [lab.robot(i) for i in range(3)]
-    coordinator.wait_for(r"round 1: training on 3 robots", timeout=300)
+def test_production_run_survives_a_dead_robot_and_a_dead_coordinator(lab, tmp_path, fleet):
+    """TLS + robot authentication, a refused stranger, a robot SIGKILLed mid-round, `flwr ls`/`flwr log`,
+    the coordinator SIGKILLed after round 1 and restarted, and an audit of every reply."""
+    tls = tmp_path / "tls"
+    make_server_certificate(tls, ["127.0.0.1"])
+    keys = {name: ensure_robot_key(tls, name) for name in ("robot0", "robot1", "robot2", "stranger")}
+    secure = ["--tls", str(tls), "--auth", "--register", *(str(keys[f"robot{i}"]) for i in range(3))]
+    run_config = TINY_RUN + " strategy='fedadam'"
+    coordinator = lab.coordinator(*secure, run_config=run_config + " min-nodes=3")
+    up = coordinator.wait_for(r"SuperLink up .* \(TLS \+ robot auth\), pid (\d+)", timeout=300)
+    coordinator.wait_for(r"ready: robots can join", timeout=300)  # their keys are registered now
+    robots = [lab.robot(i, tls, keys[f"robot{i}"].with_suffix("")) for i in range(3)]
+    stranger = lab.robot(0, tls, keys["stranger"].with_suffix(""), name="stranger")
+    assert stranger.wait(timeout=300) != 0
+    assert "Failed to activate SuperNode" in stranger.text()
+
+    coordinator.wait_for(r"round 1: training on 3 robots", timeout=600)
     robots[2].kill_group(signal.SIGKILL)  # the SuperNode, its SuperExec and the ClientApp in training
-
-    coordinator.wait_for(r"round 1: \{", timeout=300)
-    runs = json.loads(lab.flwr("ls", "fedbot", "--format", "json").stdout)["runs"]
-    (run,) = runs
+    coordinator.wait_for(r"round 1: \{", timeout=600)
+    (run,) = json.loads(lab.flwr("ls", "fedbot", "--format", "json").stdout)["runs"]
     assert run["status"] == "running"
-    shown = lab.flwr("log", run["run-id"], "fedbot", "--show")
-    assert "round 1: training on 3 robots" in shown.stdout
+    assert "round 1: training on 3 robots" in lab.flwr("log", run["run-id"], "fedbot", "--show").stdout
+    coordinator.kill_group(signal.SIGKILL)  # the coordinator dies; its SuperLink must follow it
+    assert "round 1 training: a robot failed" in coordinator.text()
 
-    assert coordinator.wait(timeout=600) == 0, coordinator.text()[-3000:]
-    log = coordinator.text()
-    assert "round 1 training: a robot failed" in log
-    rows = metrics(lab.run_dir())
+    # Restarted by its operator, who knows robot2 is down. Its old SuperLink is gone (else the
+    # new one could not take the port) and leaves nothing behind.
+    restarted = lab.coordinator(*secure, run_config=run_config + " min-nodes=2", name="coordinator-restarted")
+    assert restarted.wait(timeout=900) == 0, restarted.text()[-3000:]
+    assert not group_alive(int(up.group(1)))
+    log = restarted.text()
+    assert "continuing after round 1" in log and "restored m_t of FedAdam" in log
+    run_dir = lab.run_dir()
+    rows = metrics(run_dir)
     assert [r["round"] for r in rows] == [1, 2]
-    assert (rows[0]["robots"], rows[0]["failed"]) == (2, 1)
-    assert rows[1]["robots"] == 2
+    assert (rows[0]["robots"], rows[0]["failed"]) == (2, 1) and rows[1]["robots"] == 2
+    registry = json.loads((run_dir / "registry.json").read_text())
+    assert [(m["round"], m["parent"]) for m in registry["models"]] == [(0, None), (1, 0), (2, 1)]
+    for i in range(2):
+        (deployed,) = (tmp_path / f"robot{i}-inbox").iterdir()
+        assert json.loads((deployed / "manifest.json").read_text())["sha256"] == registry["models"][-1]["sha256"]
+    assert all(r.process.poll() is None for r in robots[:2])  # the robots rode out the restart
+    assert_replies_hold_no_data(run_dir, fleet)
 
-    # Privacy: every reply, as the coordinator received it, holds only weights, summaries, metrics.
+
+def assert_replies_hold_no_data(run_dir: Path, fleet: Path) -> None:
+    """Every reply, as the coordinator received it, holds only weights, summaries and metrics."""
     dataset = open_dataset(fleet / "robot0")
-    from fedbot.training import new_policy
-
     policy = new_policy(get_preset("pusht-state"), dataset, device="cpu").policy
     params = {name: list(p.shape) for name, p in policy.named_parameters() if p.requires_grad}
-    replies = [json.loads(line) for line in (lab.run_dir() / "replies.jsonl").read_text().splitlines()]
     kinds = {}
-    for reply in replies:
+    for line in (run_dir / "replies.jsonl").read_text().splitlines():
+        reply = json.loads(line)
         what, content = reply["what"].split(" ")[-1], reply["content"]
         kinds.setdefault(what, set()).add(tuple(sorted(content)))
         for name, record in content.items():
@@ -129,41 +154,10 @@ def test_killed_robot_does_not_hang_the_run_and_replies_hold_no_data(lab, fleet)
                 for key, array in record["arrays"].items():
                     feature, stat = key.split("::")
                     assert stat in ("count", "mean", "std", "min", "max")
-                    assert array["shape"] == ([1] if stat == "count" else list(dataset.meta.features[feature]["shape"]))
+                    shape = dataset.meta.features[feature]["shape"]
+                    assert array["shape"] == ([1] if stat == "count" else list(shape))
             else:
                 assert record["kind"] in ("MetricRecord", "ConfigRecord")
                 assert set(record["values"].values()) <= {"int", "float", "str"}
     assert kinds == {"statistics": {("info", "stats")}, "training": {("arrays", "metrics")},
                      "evaluation": {("metrics",)}, "deploy": {("deployed",)}}
-
-
-def test_tls_auth_refuses_strangers_and_a_killed_coordinator_resumes(lab, tmp_path):
-    tls = tmp_path / "tls"
-    make_server_certificate(tls, ["127.0.0.1"])
-    keys = {name: ensure_robot_key(tls, name) for name in ("robot0", "robot1", "stranger")}
-    secure = ["--tls", str(tls), "--auth", "--register", str(keys["robot0"]), str(keys["robot1"])]
-    run_config = TINY_RUN + " strategy='fedadam'"
-    coordinator = lab.coordinator(*secure, run_config=run_config)
-    up = coordinator.wait_for(r"SuperLink up .* \(TLS \+ robot auth\), pid (\d+)", timeout=300)
-    coordinator.wait_for(r"ready: robots can join", timeout=300)  # their keys are registered now
-    robots = [lab.robot(i, tls, keys[f"robot{i}"].with_suffix("")) for i in range(2)]
-    stranger = lab.robot(2, tls, keys["stranger"].with_suffix(""), name="stranger")
-    assert stranger.wait(timeout=300) != 0
-    assert "Failed to activate SuperNode" in stranger.text()
-
-    coordinator.wait_for(r"round 1: \{", timeout=600)
-    coordinator.kill_group(signal.SIGKILL)  # the coordinator dies; its SuperLink must follow it
-
-    # Its SuperLink followed it (else the new one could not take the port); nothing of it is left.
-    restarted = lab.coordinator(*secure, run_config=run_config, name="coordinator-restarted")
-    assert restarted.wait(timeout=600) == 0, restarted.text()[-3000:]
-    log = restarted.text()
-    assert "continuing after round 1" in log and "restored m_t of FedAdam" in log
-    run_dir = lab.run_dir()
-    assert [r["round"] for r in metrics(run_dir)] == [1, 2]
-    registry = json.loads((run_dir / "registry.json").read_text())
-    assert [(m["round"], m["parent"]) for m in registry["models"]] == [(0, None), (1, 0), (2, 1)]
-    for i in range(2):
-        assert list((tmp_path / f"robot{i}-inbox").iterdir())
-    assert all(r.process.poll() is None for r in robots)  # the robots rode out the restart
-    assert not group_alive(int(up.group(1)))
