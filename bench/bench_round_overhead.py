@@ -51,7 +51,7 @@ def run_once(work: Path, datasets: list[Path], local_steps: int, rounds: int) ->
                                      model_inbox=work / f"robot{i}-inbox", output_dir=work / f"robot{i}-outputs",
                                      robot_id=f"robot{i}", port=free_port())
         robots.append(subprocess.Popen(settings.command(), stdout=open(work / f"robot{i}.log", "w"),
-                                       stderr=subprocess.STDOUT, env={**settings.environment(work / f"robot{i}"), **env},
+                                       stderr=subprocess.STDOUT, env={**env, **settings.environment(work / f"robot{i}")},
                                        start_new_session=True))
     try:
         if coordinator.wait(timeout=3600) != 0:
