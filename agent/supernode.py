@@ -32,10 +32,10 @@ class SuperNodeSettings:
     auth_key: Path | None = None  # the robot's private key, for SuperNode authentication
 
     def node_config(self) -> str:
-        values = {"dataset-root": self.dataset_root, "model-inbox": self.model_inbox,
-                  "output-dir": self.output_dir, "robot-id": self.robot_id}
-        return " ".join(f"{key}='{Path(value).resolve() if key != 'robot-id' else value}'"
-                        for key, value in values.items())
+        """Flower's `--node-config` string; paths absolute, as the ClientApp runs elsewhere."""
+        values = {"dataset-root": Path(self.dataset_root).resolve(), "model-inbox": Path(self.model_inbox).resolve(),
+                  "output-dir": Path(self.output_dir).resolve(), "robot-id": self.robot_id}
+        return " ".join(f"{key}='{value}'" for key, value in values.items())
 
     def command(self) -> list[str]:
         command = [str(BIN / "flower-supernode"), "--superlink", self.superlink, "--port", str(self.port),
