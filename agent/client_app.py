@@ -18,6 +18,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
 
+from agent.federation import note_round
 from agent.inbox import write_to_inbox
 from agent.node import NodeSettings
 from coordinator.config import RunConfig
@@ -79,6 +80,8 @@ def train(msg: Message, context: Context) -> Message:
     _save_optimizer(state, context)
     metrics = MetricRecord({"num-examples": frames.num_frames, "train-loss": loss, "local-step": state.step,
                             "train-seconds": train_seconds})
+    note_round(node.output_dir, {"run": context.run_id, "round": int(config.get("server-round", 0)),
+                                 "episodes": dataset.meta.total_episodes, "time": time.time()})
     return Message(RecordDict({"arrays": weights_to_record(loaded.policy, run.weights_dtype),
                                "metrics": metrics}), reply_to=msg)
 

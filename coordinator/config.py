@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from fedbot.presets import PRESETS
 from fedbot.transfer import WEIGHT_DTYPES
+from fedbot.typed_config import ConfigError, from_mapping
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 SOURCE = "pyproject.toml [tool.flwr.app.config] or --run-config"
@@ -37,25 +38,13 @@ class RunConfig:
     @classmethod
     def from_run_config(cls, run_config: dict) -> "RunConfig":
         """Parse Flower's run config; unknown keys and wrong types name the key and its source."""
-        known = {f.name.replace("_", "-"): f for f in fields(cls)}
-        values = {}
-        for key, value in run_config.items():
-            if key not in known:
-                raise ValueError(f"unknown run-config key {key!r} (in {SOURCE}); known: {', '.join(known)}")
-            field = known[key]
-            kind = {"int": int, "float": float, "str": str}[field.type]
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, kind) or isinstance(value, bool):
-                raise ValueError(f"run-config key {key!r} (in {SOURCE}) must be {field.type}, got {value!r}")
-            values[field.name] = value
-        config = cls(**values)
+        config = from_mapping(cls, dict(run_config), SOURCE)
         config.validate()
         return config
 
     def validate(self) -> None:
-        def bad(key: str, why: str) -> ValueError:
-            return ValueError(f"run-config key {key!r} (in {SOURCE}) {why}")
+        def bad(key: str, why: str) -> ConfigError:
+            return ConfigError(f"{SOURCE}: key {key!r} {why}")
 
         if self.strategy not in STRATEGIES:
             raise bad("strategy", f"must be one of {STRATEGIES}, got {self.strategy!r}")

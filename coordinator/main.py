@@ -1,12 +1,16 @@
 """`fedbot-coordinator`: the lab server's service around the federation.
 
-    fedbot-coordinator run --state-dir DIR [--tls DIR [--auth --register KEY.pub ...]] [--run-config "k=v ..."]
+    fedbot-coordinator run --state-dir DIR [--tls DIR [--auth --register KEY.pub ... --register-dir DIR]]
+                           [--run-config "k=v ..."]
     fedbot-coordinator credentials --out DIR --host HOST [--robot NAME ...]
 
 `run` starts and supervises a real `flower-superlink`, registers robots' keys, submits the Flower app
 in this repository (`flwr run`) and streams its log. If the SuperLink dies, it is started again and
 the run is submitted again: the ServerApp continues from its last saved global model and round
 (coordinator/registry.py). The same happens when the whole coordinator is restarted (systemd).
+
+Under systemd it is a `Type=notify` service (deploy/systemd/fedbot-coordinator.service): READY=1 once
+robots can join, STATUS= on restarts and at the end of the run, STOPPING=1 on shutdown.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 
 from coordinator.credentials import ensure_robot_key, make_server_certificate
 from coordinator.superlink import BIN, CONNECTION, SuperLink, SuperLinkSettings
+from fedbot.service import configure_logging, notify_ready, notify_status, notify_stopping
 
 log = logging.getLogger("fedbot.coordinator")
 PROJECT = Path(__file__).resolve().parents[1]  # the Flower app (pyproject [tool.flwr.app])
@@ -82,9 +87,15 @@ def serve(settings: SuperLinkSettings, app: Path, run_config: list[str], registe
             superlink.register_robots(register)
             superlink.stop_stale_runs()
             log.info("ready: robots can join at %s", settings.address)
+            joinable = f"robots can join at {settings.address}"
+            if attempt == 0:
+                notify_ready(joinable)
+            else:
+                notify_status(f"SuperLink restarted ({attempt} of {restarts}); {joinable}")
             status = submit_and_stream(superlink, app, run_config)
             if status is not None:
                 log.info("run ended: %s", status)
+                notify_status(f"run ended: {status}")
                 return 0 if status == "finished:completed" else 1
             log.warning("the SuperLink stopped during the run (exit %s); restart %d of %d, the run resumes "
                         "from its last global model", superlink.process.returncode, attempt + 1, restarts)
@@ -95,7 +106,16 @@ def serve(settings: SuperLinkSettings, app: Path, run_config: list[str], registe
         log.info("stopping (%s)", why)
         return 0
     finally:
+        notify_stopping()
         superlink.stop()
+
+
+def robot_keys(keys: list[Path], key_dirs: list[Path]) -> list[Path]:
+    """The keys given one by one and every *.pub file in the directories; refuses any that is missing."""
+    missing = [str(k) for k in keys if not k.is_file()] + [str(d) for d in key_dirs if not d.is_dir()]
+    if missing:
+        raise ValueError(f"robot public keys not found: {missing}")
+    return [*keys, *(key for d in key_dirs for key in sorted(d.glob("*.pub")) if key.is_file())]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--auth", action="store_true", help="only registered robots may join (needs --tls)")
     run.add_argument("--register", type=Path, nargs="*", default=[], metavar="KEY.pub",
                      help="robot public keys to register before the run")
+    run.add_argument("--register-dir", type=Path, action="append", default=[], metavar="DIR",
+                     help="register every DIR/*.pub too (repeatable; e.g. /etc/fedbot/robots for systemd)")
     run.add_argument("--output-dir", type=Path, default=Path("outputs"),
                      help="where runs, global models and metrics go (run-config output-dir)")
     run.add_argument("--run-config", action="append", default=[], metavar="'k=v ...'",
@@ -125,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     creds.add_argument("--robot", action="append", default=[], help="a robot to create a key pair for (repeatable)")
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     try:
         if args.command == "credentials":
             print(f"SuperLink certificate: {make_server_certificate(args.out, args.host)}")
@@ -134,11 +156,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         settings = SuperLinkSettings(state_dir=args.state_dir.resolve(), host=args.host, port=args.port,
                                      tls_dir=args.tls, auth=args.auth)
-        missing = [str(k) for k in args.register if not k.is_file()]
-        if missing:
-            raise ValueError(f"robot public keys not found: {missing}")
+        register = robot_keys(args.register, args.register_dir)
         run_config = [f"output-dir='{args.output_dir.resolve()}'", *args.run_config]
-        return serve(settings, args.app.resolve(), run_config, args.register, args.restarts)
+        return serve(settings, args.app.resolve(), run_config, register, args.restarts)
     except (ValueError, RuntimeError, TimeoutError, OSError) as error:
         print(f"fedbot-coordinator: error: {error}", file=sys.stderr)
         return 2

@@ -11,11 +11,9 @@ operator's `~/.flwr` is never touched: `FLWR_HOME=<state-dir>/flwr-home flwr ls 
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +23,7 @@ from pathlib import Path
 
 from agent.supernode import CPU_SHARING
 from coordinator.credentials import CA_CERT, SERVER_CERT, SERVER_KEY
+from fedbot.process_group import start_group, stop_group
 
 log = logging.getLogger("fedbot.coordinator")
 CONNECTION = "fedbot"
@@ -80,12 +79,8 @@ class SuperLinkSettings:
         return "\n".join(lines) + "\n"
 
     def environment(self) -> dict[str, str]:
-        return {**os.environ, **CPU_SHARING, "FLWR_HOME": str(self.flwr_home), "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the coordinator process dies, however it dies."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+        path = f"{BIN}:{os.environ.get('PATH', '')}"
+        return {**os.environ, **CPU_SHARING, "FLWR_HOME": str(self.flwr_home), "PATH": path}
 
 
 class SuperLink:
@@ -99,12 +94,8 @@ class SuperLink:
         settings = self.settings
         settings.flwr_home.mkdir(parents=True, exist_ok=True)
         (settings.flwr_home / "config.toml").write_text(settings.connection_toml())
-        log_file = open(settings.state_dir / "superlink.log", "ab")
         # Its own process group, so that stopping it also reaches the SuperExec and ServerApp it spawns.
-        self.process = subprocess.Popen(settings.command(), stdout=log_file, stderr=subprocess.STDOUT,
-                                        env=settings.environment(), start_new_session=True,
-                                        preexec_fn=_die_with_parent)
-        log_file.close()
+        self.process = start_group(settings.command(), settings.environment(), settings.state_dir / "superlink.log")
         self._wait_ready(ready_timeout)
         log.info("SuperLink up at %s (%s), pid %d, log %s", settings.address,
                  "insecure" if settings.tls_dir is None else "TLS" + (" + robot auth" if settings.auth else ""),
@@ -131,15 +122,8 @@ class SuperLink:
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM to the SuperLink's process group, SIGKILL after `timeout`, then to any leftover child."""
-        if self.process is None:
-            return
-        _signal_group(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _signal_group(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        _signal_group(self.process.pid, signal.SIGKILL)  # a SuperExec may outlive its SuperLink
+        if self.process is not None:
+            stop_group(self.process, timeout)
 
     # -- the flwr CLI against this SuperLink -----------------------------------------------------
     def flwr(self, *args: str, check: bool = True, timeout: float = 120.0) -> subprocess.CompletedProcess:
@@ -168,13 +152,6 @@ class SuperLink:
             if str(run.get("status", "")).split(":")[0] in ACTIVE_RUN_STATES:
                 log.info("stopping run %s left by a previous coordinator", run["run-id"])
                 self.flwr("stop", str(run["run-id"]), CONNECTION, check=False)
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _port_open(host: str, port: int) -> bool:

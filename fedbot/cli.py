@@ -10,6 +10,9 @@ from datetime import datetime
 from pathlib import Path
 
 from rich.console import Console
+from rich.table import Table
+
+from agent.control_api import DEFAULT_SOCKET
 
 console = Console(soft_wrap=True)
 errors = Console(stderr=True, soft_wrap=True)
@@ -38,16 +41,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    rec = sub.add_parser("record", help="record teleoperated episodes into a LeRobot dataset")
-    rec.add_argument("--sim", action="store_true", required=True, help="record in the PushT simulator")
-    rec.add_argument("--root", type=Path, required=True, help="dataset directory (created or appended)")
+    agent = argparse.ArgumentParser(add_help=False)
+    agent.add_argument("--socket", type=Path, default=Path(os.environ.get("FEDBOT_AGENT_SOCKET", DEFAULT_SOCKET)),
+                       help=f"the agent's control socket (default: $FEDBOT_AGENT_SOCKET or {DEFAULT_SOCKET})")
+
+    rec = sub.add_parser("record", parents=[agent], help="record teleoperated episodes into a LeRobot dataset",
+                         description="A teleop session on the running agent (which owns the robot and its "
+                                     "dataset), or with --sim --root, directly into a dataset directory.")
+    rec.add_argument("--sim", action="store_true", help="record in the PushT simulator without an agent (needs --root)")
+    rec.add_argument("--root", type=Path, help="with --sim: dataset directory (created or appended)")
     rec.add_argument("--episodes", type=_positive, required=True, help="number of episodes to attempt")
     rec.add_argument("--operator", choices=["expert", "mouse"], default="expert",
                      help="scripted expert or a person with the mouse (default: expert)")
     rec.add_argument("--style", choices=sorted(STYLES), default="default", help="expert operator style")
     rec.add_argument("--seed", type=_non_negative, default=0,
                      help=f"first scene seed; episodes use seed, seed+1, ... (< {EVAL_SEED_START})")
-    rec.add_argument("--task", default=DEFAULT_TASK, help="task description stored with every frame")
+    rec.add_argument("--task", default=None, help=f"task stored with every frame (default: {DEFAULT_TASK!r})")
     rec.add_argument("--keep-failed", action="store_true", help="also keep failed demonstrations")
 
     tr = sub.add_parser("train", help="train a DiffusionPolicy on one dataset (resumes from --out)")
@@ -68,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--videos", type=_non_negative, default=2, help="episodes to save as mp4")
     ev.add_argument("--device", default=None)
 
+    sub.add_parser("status", parents=[agent], help="the agent's state, live model, control timing, federation")
+    run = sub.add_parser("run", parents=[agent], help="run the live policy on the agent's robot")
+    run.add_argument("--episodes", type=_positive, help="sim robots: run this many episodes, report, then hold")
+    sub.add_parser("stop", parents=[agent], help="stop the policy: the robot holds")
+    sub.add_parser("models", parents=[agent], help="the agent's kept models (live marked) and rejected ones")
+    sub.add_parser("rollback", parents=[agent], help="make the previously live model live again")
+
     sim = sub.add_parser("sim", help="dry run in the simulator: record -> train -> eval")
     sim.add_argument("--episodes", type=_positive, default=20, help="demonstrations to record")
     sim.add_argument("--steps", type=_non_negative, default=1000, help="training steps")
@@ -78,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_record(args) -> int:
+    if args.sim != (args.root is not None):
+        raise ValueError("recording without an agent needs both --sim and --root DIR")
+    if args.root is None:
+        return _agent_command(args, "record", episodes=args.episodes, task=args.task)
     report = _record(args.root, args.episodes, args.operator, args.style, args.seed, args.task, args.keep_failed)
     console.print(
         f"kept {report.kept} of {report.attempted} episodes ({report.successes} successful); "
@@ -90,11 +110,11 @@ def _record(root: Path, episodes: int, operator_kind: str, style: str, seed: int
             keep_failed: bool = False):
     """Record episodes in the sim with the chosen operator; prints one line per episode."""
     from fedbot.recording import DEFAULT_TASK, check_recording_seeds, open_store, record_episodes
-    from hardware.pusht_sim import PushTSim, PushTSimConfig
+    from hardware.factory import make_robot, make_teleop
 
     check_recording_seeds(seed, episodes)  # before anything is created
-    robot = PushTSim(PushTSimConfig(id=root.name))
-    operator = _make_operator(operator_kind, style, seed)
+    robot = make_robot("pusht_sim", root.name)
+    operator = make_teleop(operator_kind, style, seed)
     robot.connect()
     operator.connect()
     operator.attach(robot)
@@ -113,14 +133,27 @@ def _record(root: Path, episodes: int, operator_kind: str, style: str, seed: int
         robot.disconnect()
 
 
-def _make_operator(kind: str, style: str, seed: int):
-    if kind == "mouse":
-        from hardware.pusht_mouse import PushTMouse, PushTMouseConfig
+def _agent_command(args, command: str, **arguments) -> int:
+    """One request to the running agent; prints its answer."""
+    from agent.control_api import request
 
-        return PushTMouse(PushTMouseConfig(id="mouse"))
-    from hardware.pusht_expert import PushTExpert, PushTExpertConfig
+    reply = request(args.socket, command, **{k: v for k, v in arguments.items() if v is not None})
+    if command == "models":
+        _print_models(reply)
+    else:
+        console.print_json(data=reply)
+    return 0
 
-    return PushTExpert(PushTExpertConfig(id=f"expert-{style}", style=style, seed=seed))
+
+def _print_models(reply: dict) -> None:
+    table = Table(title="models")
+    for column in ("", "name", "round", "sha256"):
+        table.add_column(column)
+    for model in reply["models"]:
+        table.add_row("live" if model["live"] else "", model["name"], str(model["round"]), model["sha256"][:16])
+    console.print(table)
+    for rejected in reply["rejected"]:
+        console.print(f"rejected {rejected['name']}: {rejected['reason']}")
 
 
 def cmd_train(args) -> int:
@@ -171,7 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handler = {"record": cmd_record, "train": cmd_train, "eval": cmd_eval, "sim": cmd_sim}[args.command]
+    handlers = {"record": cmd_record, "train": cmd_train, "eval": cmd_eval, "sim": cmd_sim}
+    handlers.update({name: lambda a, name=name: _agent_command(a, name, episodes=getattr(a, "episodes", None))
+                     for name in ("status", "run", "stop", "models", "rollback")})
+    handler = handlers[args.command]
     try:
         return handler(args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:

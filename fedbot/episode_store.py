@@ -89,10 +89,7 @@ class EpisodeStore:
 
     @property
     def num_episodes(self) -> int:
-        current = self.current_version
-        if current is None:
-            return 0
-        return load_info(current).total_episodes
+        return committed_episodes(self.root)
 
     def recover(self) -> None:
         """Remove what a killed recorder left: work directories and superseded versions."""
@@ -151,6 +148,14 @@ class EpisodeStore:
         self._work, self.dataset = None, None
         self.recover()
         return total
+
+
+def committed_episodes(root: Path) -> int:
+    """Episodes committed to the dataset at `root` (0 if there is none yet); needs no lock."""
+    link = Path(root) / VERSIONS_DIR / CURRENT_LINK
+    if not link.is_symlink():
+        return 0
+    return load_info(link.parent / os.readlink(link)).total_episodes
 
 
 @contextmanager

@@ -73,14 +73,15 @@ def publish_dir(tmp: Path, directory: Path) -> None:
 
 
 def load_policy(directory: Path, device: str | None = None) -> LoadedPolicy:
-    """Load a saved policy and its processors without touching the network."""
+    """Load a saved policy and its processors without touching the network. Every weight the
+    model has must be in the file with its shape, and nothing else (strict)."""
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} is not a saved policy (no config.json)")
     config = DiffusionConfig.from_pretrained(directory)
     config.pretrained_backbone_weights = None  # from_pretrained rebuilds the model from config first
     config.device = device or default_device()
-    policy = DiffusionPolicy.from_pretrained(directory, config=config)
+    policy = DiffusionPolicy.from_pretrained(directory, config=config, strict=True)
     policy.to(config.device).eval()
     device_override = {"device_processor": {"device": config.device}}
     preprocessor, postprocessor = make_pre_post_processors(

@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(libsystemd-dev pkg-config ffmpeg)
+# systemd: systemd-analyze, which tests/test_systemd_units.py runs on deploy/systemd/*.service
+APT_PACKAGES=(libsystemd-dev pkg-config ffmpeg systemd)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -45,3 +45,24 @@ def record_wander(root: Path, episodes: int, steps: int = 20, seed_start: int = 
         store.close()
         robot.disconnect()
     return report.total_episodes
+
+
+def deliver_model(policy_dir: Path, inbox: Path, name: str, round_number: int = 1, edit=None) -> Path:
+    """Put a copy of a saved policy into a model inbox the way a deploy does: a manifest with the
+    weights' sha256, written under a hidden name and renamed into place. `edit(directory)` may
+    damage the copy after the manifest is written (a corrupt delivery)."""
+    import json
+    import os
+    import shutil
+
+    from agent.inbox import MANIFEST, WEIGHTS, sha256_file
+
+    inbox.mkdir(parents=True, exist_ok=True)
+    staging = inbox / f".incoming-{name}"
+    shutil.copytree(policy_dir, staging)
+    manifest = {"round": round_number, "sha256": sha256_file(staging / WEIGHTS), "time": 0.0}
+    (staging / MANIFEST).write_text(json.dumps(manifest))
+    if edit is not None:
+        edit(staging)
+    os.rename(staging, inbox / name)
+    return inbox / name

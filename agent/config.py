@@ -1,0 +1,167 @@
+"""The agent's configuration: one TOML file per robot (`fedbot-agent --config /etc/fedbot/agent.toml`).
+
+Example (every key but robot-id has a default):
+
+    robot-id = "robot1"
+    data-dir = "/var/lib/fedbot"          # dataset/, federation/ and the agent's own state
+    socket = "/run/fedbot/agent.sock"     # the local control API (`fedbot status`, ...)
+
+    [robot]                               # the hardware the agent owns
+    type = "pusht_sim"
+    [teleop]                              # who demonstrates in `fedbot record`
+    type = "pusht_expert"                 # pusht_expert | pusht_mouse
+    style = "default"
+    [coordinator]                         # the lab's SuperLink
+    superlink = "lab-server:9092"
+    root-certificates = "/etc/fedbot/tls/ca.crt"   # omit for an insecure (development) SuperLink
+    auth-key = "/etc/fedbot/robot1"                # omit when the SuperLink does not authenticate
+    [idle]                                # when the robot may join the federation
+    min-new-episodes = 1
+    hours = [0, 24]
+    cooldown-seconds = 30.0
+    [control]
+    rate-hz = 10.0
+    [checks]                              # what a new model must pass before it goes live
+    keep-models = 5
+    sim-gate-episodes = 0
+    sim-gate-tolerance = 0.1
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from fedbot.recording import DEFAULT_TASK
+from fedbot.typed_config import ConfigError, from_mapping
+
+ROBOT_TYPES = ("pusht_sim",)
+TELEOP_TYPES = ("pusht_expert", "pusht_mouse")
+
+
+@dataclass(frozen=True)
+class RobotSection:
+    type: str = "pusht_sim"
+
+
+@dataclass(frozen=True)
+class TeleopSection:
+    type: str = "pusht_expert"
+    style: str = "default"  # the scripted operator's style (hardware/pusht_expert.py STYLES)
+    task: str = DEFAULT_TASK
+
+
+@dataclass(frozen=True)
+class CoordinatorSection:
+    superlink: str = "127.0.0.1:9092"
+    root_certificates: Path | None = None
+    auth_key: Path | None = None
+    supernode_port: int = 9094  # the SuperNode's local ClientAppIo port; one per SuperNode on a host
+    retry_max_seconds: float = 300.0  # back-off ceiling between SuperNode restarts
+
+
+@dataclass(frozen=True)
+class IdleSection:
+    min_new_episodes: int = 1  # recorded since the robot last trained in a round
+    hours: list[int] = field(default_factory=lambda: [0, 24])  # local hours [start, end) it may federate
+    cooldown_seconds: float = 30.0  # after recording or running a policy
+
+
+@dataclass(frozen=True)
+class ControlSection:
+    rate_hz: float = 10.0
+    device: str | None = None  # torch device for the live policy; default cuda if available
+
+
+@dataclass(frozen=True)
+class ChecksSection:
+    keep_models: int = 5
+    sim_gate_episodes: int = 0  # 0: no simulator gate
+    sim_gate_tolerance: float = 0.1  # how much lower the candidate's success rate may be
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    robot_id: str
+    data_dir: Path = Path("/var/lib/fedbot")
+    socket: Path = Path("/run/fedbot/agent.sock")
+    robot: RobotSection = RobotSection()
+    teleop: TeleopSection = TeleopSection()
+    coordinator: CoordinatorSection = CoordinatorSection()
+    idle: IdleSection = IdleSection()
+    control: ControlSection = ControlSection()
+    checks: ChecksSection = ChecksSection()
+
+    @property
+    def dataset_root(self) -> Path:
+        return self.data_dir / "dataset"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def federation_dir(self) -> Path:
+        """The ClientApp's outputs (evaluation videos, rounds.jsonl) and the SuperNode's log."""
+        return self.data_dir / "federation"
+
+
+def load_config(path: Path, sim: bool = False) -> AgentConfig:
+    """Read and check the agent TOML; `sim` forces the PushT simulator robot."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    if sim:
+        data.setdefault("robot", {})
+        if isinstance(data["robot"], dict):
+            data["robot"] = {**data["robot"], "type": "pusht_sim"}
+    config = _relative_to(from_mapping(AgentConfig, data, str(path)), path.resolve().parent)
+    _validate(config, str(path))
+    return config
+
+
+def _relative_to(config: AgentConfig, base: Path) -> AgentConfig:
+    """Relative paths in the file are relative to the file's directory."""
+    coordinator = config.coordinator
+    return replace(
+        config, data_dir=base / config.data_dir, socket=base / config.socket,
+        coordinator=replace(
+            coordinator,
+            root_certificates=None if coordinator.root_certificates is None else base / coordinator.root_certificates,
+            auth_key=None if coordinator.auth_key is None else base / coordinator.auth_key),
+    )
+
+
+def _validate(config: AgentConfig, source: str) -> None:
+    from hardware.pusht_expert import STYLES
+
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(f"{source}: key {key!r} {why}")
+
+    if not config.robot_id or "/" in config.robot_id or "'" in config.robot_id:
+        raise bad("robot-id", f"must be a plain name, got {config.robot_id!r}")
+    if config.robot.type not in ROBOT_TYPES:
+        raise bad("robot.type", f"must be one of {ROBOT_TYPES}, got {config.robot.type!r}")
+    if config.teleop.type not in TELEOP_TYPES:
+        raise bad("teleop.type", f"must be one of {TELEOP_TYPES}, got {config.teleop.type!r}")
+    if config.teleop.style not in STYLES:
+        raise bad("teleop.style", f"must be one of {sorted(STYLES)}, got {config.teleop.style!r}")
+    if len(config.idle.hours) != 2 or not all(0 <= hour <= 24 for hour in config.idle.hours):
+        raise bad("idle.hours", f"must be [start, end] with hours in 0..24, got {config.idle.hours!r}")
+    if config.control.rate_hz <= 0:
+        raise bad("control.rate-hz", "must be > 0")
+    if config.checks.keep_models < 2:
+        raise bad("checks.keep-models", "must be >= 2 (the live model and one to roll back to)")
+    if config.checks.sim_gate_episodes < 0:
+        raise bad("checks.sim-gate-episodes", "must be >= 0")
+    if config.idle.min_new_episodes < 0 or config.idle.cooldown_seconds < 0:
+        raise bad("idle", "min-new-episodes and cooldown-seconds must be >= 0")
+    for key, value in (("coordinator.root-certificates", config.coordinator.root_certificates),
+                       ("coordinator.auth-key", config.coordinator.auth_key)):
+        if value is not None and not value.is_file():
+            raise bad(key, f"names {value}, which does not exist")

@@ -1,0 +1,218 @@
+"""The live controller: a fixed-rate control loop that runs the live policy on the robot.
+
+Each tick: observation -> preprocessor -> policy -> postprocessor -> robot (agent/inference.py
+computes the policy's action chunks off the control thread). New policies are handed over with
+`swap`, prepared elsewhere, and installed between two ticks together with their processors.
+The loop keeps ticking while it holds or while recording owns the robot (`pause`), so that tick
+timing is always measured and the systemd watchdog sees a healthy loop.
+
+Holding means sending nothing: the PushT sim then stands still and servo arms keep their last goal.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+from lerobot.utils.robot_utils import precise_sleep
+
+from agent.inference import ChunkedInference
+from fedbot.policy_io import LoadedPolicy
+
+log = logging.getLogger("fedbot.agent.control")
+HOLD, RUN, PAUSED = "hold", "run", "paused"
+TIMING_WINDOW = 3000  # ticks over which jitter percentiles are reported
+
+
+@dataclass
+class SwapTicket:
+    """A policy waiting to be installed; `done` is set at the first tick that acts on its weights."""
+
+    loaded: LoadedPolicy
+    name: str
+    landed_at: float  # time.monotonic() when the model file landed
+    done: threading.Event = field(default_factory=threading.Event)
+    installed_tick: int = -1
+    latency: float | None = None  # landed -> first action computed by the new weights
+
+
+@dataclass
+class EpisodeRun:
+    """Policy episodes requested with `run(episodes=K)` (sim robots judge their own episodes)."""
+
+    episodes: int | None
+    seed: int
+    results: list[dict] = field(default_factory=list)
+    finished: threading.Event = field(default_factory=threading.Event)
+
+
+class ControlLoop:
+    def __init__(self, robot, rate_hz: float):
+        self.robot = robot
+        self.period = 1.0 / rate_hz
+        self.inference = ChunkedInference(self.period)
+        self.mode = HOLD
+        self.live_name: str | None = None
+        self.error: str | None = None  # the last policy error (the loop then holds)
+        self.ticks = 0
+        self.missed = 0
+        self.last_tick = time.monotonic()
+        self._starts: deque[float] = deque(maxlen=TIMING_WINDOW)
+        self._ticket: SwapTicket | None = None  # handed over, not yet installed
+        self._swapped: SwapTicket | None = None  # installed, waiting for its first action
+        self._run: EpisodeRun | None = None
+        self._lock = threading.Lock()
+        self._ticked = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="control", daemon=True)
+
+    # -- commands (any thread) ---------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self.inference.close()
+
+    def swap(self, loaded: LoadedPolicy, name: str, landed_at: float) -> SwapTicket:
+        ticket = SwapTicket(loaded, name, landed_at)
+        with self._lock:
+            self._ticket = ticket
+        return ticket
+
+    def run(self, episodes: int | None = None, seed: int = 0) -> EpisodeRun:
+        """Run the live policy (for `episodes` sim episodes from scene `seed`, or until `hold`)."""
+        if self.inference.policy is None and self._ticket is None:
+            raise RuntimeError("no live model: nothing to run")
+        with self._lock:
+            self._run = EpisodeRun(episodes, seed)
+            self._start_episode()
+            self.error = None
+            self.mode = RUN
+            return self._run
+
+    def hold(self) -> None:
+        with self._lock:
+            self._end_run()
+
+    def pause(self) -> None:
+        """Leave the robot alone (recording drives it); returns once no tick uses it."""
+        with self._lock:
+            self._end_run(PAUSED)
+
+    def _end_run(self, mode: str = HOLD) -> None:
+        self.mode = mode
+        if self._run is not None:
+            self._run.finished.set()
+
+    def wait_ticks(self, count: int, timeout: float) -> bool:
+        """Block until the loop has ticked `count` more times (False if `timeout` passes first)."""
+        with self._ticked:
+            target = self.ticks + count
+            return self._ticked.wait_for(lambda: self.ticks >= target, timeout)
+
+    def resume(self) -> None:
+        with self._lock:
+            self.mode = HOLD
+
+    def healthy(self, now: float | None = None) -> bool:
+        """The loop ticked within the last few periods."""
+        return (now or time.monotonic()) - self.last_tick < max(1.0, 5 * self.period)
+
+    def timing(self) -> dict:
+        starts = list(self._starts)
+        periods = np.diff(starts) if len(starts) > 2 else np.zeros(1)
+        jitter = np.abs(periods - self.period) * 1e3
+        return {"rate-hz": round(1.0 / self.period, 3), "ticks": self.ticks, "missed": self.missed,
+                "period-ms-mean": round(float(periods.mean()) * 1e3, 3),
+                "jitter-ms-p50": round(float(np.percentile(jitter, 50)), 3),
+                "jitter-ms-p99": round(float(np.percentile(jitter, 99)), 3),
+                "jitter-ms-max": round(float(jitter.max()), 3),
+                "starved-ticks": self.inference.starved,
+                "inference-ms": round(self.inference.inference_seconds * 1e3, 1)}
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        deadline = time.perf_counter()
+        while not self._stop.is_set():
+            deadline += self.period
+            now = time.perf_counter()
+            if now > deadline:  # the previous tick overran a whole period: count and re-anchor
+                self.missed += int((now - deadline) / self.period) + 1
+                deadline = now
+            else:
+                precise_sleep(deadline - now)
+            self._starts.append(time.perf_counter())
+            self.last_tick = time.monotonic()
+            with self._lock:
+                self._tick()
+            with self._ticked:
+                self.ticks += 1
+                self._ticked.notify_all()
+
+    def _tick(self) -> None:
+        if self._ticket is not None:
+            self._install(self._ticket)
+        if self.mode != RUN:
+            return
+        try:
+            action, source = self.inference.step(self.ticks, self.robot.get_observation())
+        except Exception as error:  # noqa: BLE001  a failing policy must not stop the loop: hold
+            self.error = f"{type(error).__name__}: {error}"
+            log.error("policy failed, holding: %s", self.error)
+            self._end_run()
+            return
+        if action is None:
+            return
+        if self._swapped is not None and source is self._swapped.loaded:
+            self._swapped.latency = time.monotonic() - self._swapped.landed_at
+            self._swapped.done.set()
+            self._swapped = None
+        self.robot.send_action(_robot_action(self.robot, action))
+        if self._run is not None and hasattr(self.robot, "episode_status"):
+            self._judge_episode()
+
+    def _install(self, ticket: SwapTicket) -> None:
+        self._ticket = None
+        self.inference.set_policy(ticket.loaded)
+        self.live_name = ticket.name
+        ticket.installed_tick = self.ticks
+        if self.mode == RUN:
+            self._swapped = ticket  # done at the first action of the new weights
+        else:
+            ticket.latency = time.monotonic() - ticket.landed_at
+            ticket.done.set()
+        log.info("tick %d: live model is now %s", self.ticks, ticket.name)
+
+    def _start_episode(self) -> None:
+        if hasattr(self.robot, "reset"):
+            self.robot.reset(self._run.seed + len(self._run.results))
+        self.inference.reset()
+
+    def _judge_episode(self) -> None:
+        status = self.robot.episode_status()
+        if not status.done:
+            return
+        run = self._run
+        run.results.append({"seed": run.seed + len(run.results), "success": status.success,
+                            "coverage": status.coverage, "model": self.live_name})
+        log.info("policy episode %d: %s (coverage %.2f)", len(run.results),
+                 "success" if status.success else "failed", status.coverage)
+        if run.episodes is not None and len(run.results) >= run.episodes:
+            self._end_run()
+        else:
+            self._start_episode()
+
+
+def _robot_action(robot, action: np.ndarray) -> dict:
+    """The policy's action vector as the robot's action dict (one feature, or one value per name)."""
+    names = list(robot.action_features)
+    if len(names) == 1:
+        return {names[0]: action}
+    return {name: float(value) for name, value in zip(names, action, strict=True)}

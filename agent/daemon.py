@@ -1,0 +1,392 @@
+"""The agent: owns one robot, its private dataset, its SuperNode and its live controller.
+
+States, each transition logged and shown in `fedbot status` and systemd's STATUS:
+
+    idle            the control loop holds; the SuperNode starts once the idle rules hold
+    recording       a teleop session drives the robot and commits episodes to the dataset
+    running-policy  the control loop runs the live policy
+    federating      the robot's flower-supernode is up and trains when the coordinator asks
+
+Recording and running the policy preempt federating: the SuperNode gets SIGTERM and leaves. New
+models arriving in the inbox are checked and hot-swapped in any state (agent/models.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+from watchdog.events import FileSystemEventHandler
+from watchdog.observers import Observer
+
+from agent.config import AgentConfig
+from agent.controller import ControlLoop
+from agent.federation import SuperNode, rounds_joined
+from agent.models import CheckRules, ModelRejected, ModelStore, check_model, read_manifest, sim_gate_success
+from agent.supernode import SuperNodeSettings
+from fedbot import service
+from fedbot.episode_store import committed_episodes
+from fedbot.evaluation import write_json_atomic
+from fedbot.policy_io import load_policy
+from fedbot.recording import EVAL_SEED_START, check_recording_seeds, open_store, record_episodes
+from hardware.factory import make_robot, make_teleop
+
+log = logging.getLogger("fedbot.agent")
+IDLE, RECORDING, RUNNING, FEDERATING = "idle", "recording", "running-policy", "federating"
+SUPERVISE_PERIOD = 0.5  # seconds between checks of the SuperNode and the idle rules
+STABLE_SUPERNODE = 60.0  # a SuperNode up this long resets the restart back-off
+SWAP_TIMEOUT = 60.0
+
+
+class Agent:
+    def __init__(self, config: AgentConfig):
+        self.config = config
+        self.state = IDLE
+        self.robot = make_robot(config.robot.type, config.robot_id)
+        self.control = ControlLoop(self.robot, config.control.rate_hz)
+        self.models = ModelStore(config.model_dir, config.checks.keep_models)
+        self.rules = CheckRules(config.checks.sim_gate_episodes, config.checks.sim_gate_tolerance,
+                                config.control.device)
+        self.supernode = SuperNode(SuperNodeSettings(
+            superlink=config.coordinator.superlink, dataset_root=config.dataset_root,
+            model_inbox=self.models.inbox, output_dir=config.federation_dir, robot_id=config.robot_id,
+            port=config.coordinator.supernode_port, root_certificates=config.coordinator.root_certificates,
+            auth_key=config.coordinator.auth_key), config.data_dir / "supernode")
+        self.last_swap: dict | None = None
+        self.last_run: dict | None = None
+        self.recording: dict | None = None
+        self._lock = threading.RLock()  # guards state changes
+        self._stopping = threading.Event()
+        self._quiet_since = time.monotonic()  # end of the last recording or policy run (cooldown)
+        self._supernode_failures = 0
+        self._supernode_started = 0.0
+        self._next_supernode_start = 0.0
+        self._landed: queue.Queue[tuple[str, float]] = queue.Queue()
+        self._gate_scores: dict[str, float] = {}
+        self._observer = Observer()
+        self._threads: list[threading.Thread] = []
+
+    # -- life cycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Connect the hardware, load the live model, start the loops; then tell systemd we are ready."""
+        self.config.dataset_root.parent.mkdir(parents=True, exist_ok=True)
+        self.robot.connect()
+        self._load_live_model()
+        self.control.start()
+        self._observer.schedule(_InboxEvents(self._landed), str(self.models.inbox))
+        self._observer.start()
+        self._landed.put(("", time.monotonic()))  # models that landed while the agent was down
+        for target, name in ((self._process_inbox, "models"), (self._supervise, "supervisor"),
+                             (self._feed_watchdog, "watchdog")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        log.info("agent for robot %s up: %s robot connected, live model %s, control at %.1f Hz",
+                 self.config.robot_id, self.config.robot.type, self.control.live_name, self.config.control.rate_hz)
+        service.notify_ready(self.status_line())
+
+    def close(self) -> None:
+        service.notify_stopping()
+        self._stopping.set()
+        self._landed.put(("", 0.0))
+        with self._lock:
+            self.supernode.stop()
+        if self._observer.is_alive():
+            self._observer.stop()
+        self.control.close()
+        self.robot.disconnect()
+        log.info("agent stopped")
+
+    def _load_live_model(self) -> None:
+        """Load the newest model of the history that still passes its checks."""
+        while (live := self.models.live()) is not None:
+            try:
+                loaded = check_model(live, self._robot_features(), self.rules)
+            except ModelRejected as why:
+                log.error("live model %s fails its checks now (%s); falling back to the one before", live.name, why)
+                self.models.rolled_back()
+                continue
+            self.control.swap(loaded, live.name, time.monotonic())
+            return
+
+    def _robot_features(self) -> dict[str, tuple]:
+        return {**self.robot.observation_features, **self.robot.action_features}
+
+    # -- states -------------------------------------------------------------------------------------
+    def _enter(self, state: str, why: str) -> None:
+        if state != self.state:
+            log.info("state: %s -> %s (%s)", self.state, state, why)
+            self.state = state
+        service.notify_status(self.status_line())
+
+    def _leave_federation(self, why: str) -> None:
+        if self.state == FEDERATING:
+            self.supernode.stop()
+            self._enter(IDLE, why)
+
+    def record(self, episodes: int, task: str | None = None) -> dict:
+        """A teleop session on this robot; each successful episode is committed as it ends."""
+        with self._lock:
+            if self.state in (RECORDING, RUNNING):
+                raise RuntimeError(f"the robot is {self.state}; `fedbot stop` first")
+            seed = self._next_seed()
+            check_recording_seeds(seed, episodes)
+            self._leave_federation("recording preempts federating")
+            self.control.pause()
+            self._enter(RECORDING, f"{episodes} episodes")
+            self.recording = {"episodes": episodes, "done": 0, "kept": 0}
+        try:
+            report = self._record(episodes, seed, task or self.config.teleop.task)
+        finally:
+            self.control.resume()
+            with self._lock:
+                self._quiet_since = time.monotonic()
+                self.recording = None
+                self._enter(IDLE, "recording finished")
+        return {"attempted": report.attempted, "kept": report.kept, "episodes": report.total_episodes}
+
+    def _record(self, episodes: int, seed: int, task: str):
+        teleop = make_teleop(self.config.teleop.type, self.config.teleop.style, seed)
+        teleop.connect()
+        if hasattr(teleop, "attach"):
+            teleop.attach(self.robot)  # sim operators read the scene of the robot they operate
+        store = open_store(self.config.dataset_root, self.robot)
+
+        def on_episode(scene: int, status) -> None:
+            self._save_next_seed(scene + 1)
+            self.recording["done"] += 1
+            self.recording["kept"] += bool(status.success)
+
+        try:
+            return record_episodes(self.robot, teleop, store, episodes=episodes, seed_start=seed, task=task,
+                                   realtime=getattr(teleop, "realtime", False), on_episode=on_episode)
+        finally:
+            store.close()
+            teleop.disconnect()
+
+    def _next_seed(self) -> int:
+        path = self.config.data_dir / "recording.json"
+        return int(_read_json(path, {}).get("next-seed", 0))
+
+    def _save_next_seed(self, seed: int) -> None:
+        write_json_atomic(self.config.data_dir / "recording.json", {"next-seed": seed})
+
+    def run(self, episodes: int | None = None, seed: int = EVAL_SEED_START) -> dict:
+        """Run the live policy; with `episodes`, block until that many sim episodes are judged."""
+        with self._lock:
+            if self.state == RECORDING:
+                raise RuntimeError("the robot is recording; wait for the session to end")
+            self._leave_federation("running the policy preempts federating")
+            episode_run = self.control.run(episodes, seed)
+            self._enter(RUNNING, "policy runs" + (f" for {episodes} episodes" if episodes else ""))
+        if episodes is None:
+            return {"running": True}
+        episode_run.finished.wait()
+        with self._lock:
+            results = episode_run.results
+            self.last_run = {"episodes": len(results), "seed-start": seed,
+                             "models": sorted({r["model"] for r in results}),
+                             "success-rate": sum(r["success"] for r in results) / max(len(results), 1),
+                             "results": results}
+            if self.state == RUNNING:
+                self._quiet_since = time.monotonic()
+                self._enter(IDLE, "policy episodes done")
+        return self.last_run
+
+    def stop(self) -> dict:
+        with self._lock:
+            self.control.hold()
+            if self.state == RUNNING:
+                self._quiet_since = time.monotonic()
+                self._enter(IDLE, "stopped")
+        return {"state": self.state}
+
+    def rollback(self) -> dict:
+        """Make the previously live model live again, checked and swapped like a new one."""
+        previous = self.models.previous()
+        if previous is None:
+            raise RuntimeError("no previous model to roll back to")
+        try:
+            loaded = check_model(previous, self._robot_features(), self.rules)
+        except ModelRejected as why:
+            raise RuntimeError(f"the previous model {previous.name} fails its checks now: {why}") from None
+        ticket = self.control.swap(loaded, previous.name, time.monotonic())
+        if not ticket.done.wait(SWAP_TIMEOUT):
+            raise RuntimeError("the control loop did not take the model")
+        self.models.rolled_back()
+        log.info("rolled back to %s", previous.name)
+        return {"live": previous.name}
+
+    # -- new models -----------------------------------------------------------------------------------
+    def _process_inbox(self) -> None:
+        while not self._stopping.is_set():
+            name, landed_at = self._landed.get()
+            landed = {name: landed_at}
+            while not self._landed.empty():
+                name, at = self._landed.get()
+                landed[name] = at
+            if self._stopping.is_set():
+                return
+            for model in self.models.pending():
+                self._consider(model, landed.get(model.name, time.monotonic()))
+
+    def _consider(self, model: Path, landed_at: float) -> None:
+        log.info("new model %s: checking", model.name)
+        try:
+            loaded = check_model(model, self._robot_features(), self.rules)
+            if self.rules.sim_gate_episodes > 0:
+                self._sim_gate(model.name, loaded)
+        except ModelRejected as why:
+            log.warning("model %s rejected: %s", model.name, why)
+            self.models.reject(model, str(why))
+            service.notify_status(self.status_line())
+            return
+        stored = self.models.accept(model)
+        ticket = self.control.swap(loaded, stored.name, landed_at)
+        if not ticket.done.wait(SWAP_TIMEOUT):
+            log.error("model %s was not taken by the control loop within %.0f s", stored.name, SWAP_TIMEOUT)
+            return
+        self.models.went_live(stored)
+        self.last_swap = {"model": stored.name, "latency-ms": round(ticket.latency * 1e3, 1),
+                          "tick": ticket.installed_tick}
+        log.info("model %s is live (%.1f ms from landing to the first tick on its weights)", stored.name,
+                 ticket.latency * 1e3)
+        service.notify_status(self.status_line())
+
+    def _sim_gate(self, name: str, loaded) -> None:
+        episodes, tolerance = self.rules.sim_gate_episodes, self.rules.sim_gate_tolerance
+        candidate = sim_gate_success(loaded, episodes)
+        live = self.models.live()
+        if live is None:
+            log.info("sim gate: %s succeeds on %.0f%% (no live model to compare)", name, candidate * 100)
+            return
+        if live.name not in self._gate_scores:
+            self._gate_scores[live.name] = sim_gate_success(load_policy(live, self.rules.device), episodes)
+        reference = self._gate_scores[live.name]
+        log.info("sim gate: %s %.0f%%, live %s %.0f%%", name, candidate * 100, live.name, reference * 100)
+        if candidate < reference - tolerance:
+            raise ModelRejected(f"sim gate: success {candidate:.0%} on {episodes} scenes, the live model has "
+                                f"{reference:.0%} (tolerance {tolerance:.0%})")
+        self._gate_scores[name] = candidate
+
+    # -- federation -----------------------------------------------------------------------------------
+    def idle_blockers(self) -> list[str]:
+        """Why the robot may not join the federation now (empty: it may)."""
+        rules, blockers = self.config.idle, []
+        episodes = committed_episodes(self.config.dataset_root)
+        rounds = rounds_joined(self.config.federation_dir)
+        new = episodes - (rounds[-1]["episodes"] if rounds else 0)
+        if episodes == 0:
+            blockers.append("no episodes recorded")
+        elif new < rules.min_new_episodes:
+            blockers.append(f"{new} new episodes since the last round, {rules.min_new_episodes} needed")
+        start, end = rules.hours
+        hour = datetime.now().hour
+        if not (start <= hour < end if start <= end else hour >= start or hour < end):
+            blockers.append(f"outside the allowed hours {start}-{end}")
+        quiet = time.monotonic() - self._quiet_since
+        if quiet < rules.cooldown_seconds:
+            blockers.append(f"cooling down ({rules.cooldown_seconds - quiet:.0f} s left)")
+        return blockers
+
+    def _supervise(self) -> None:
+        while not self._stopping.wait(SUPERVISE_PERIOD):
+            with self._lock:
+                now = time.monotonic()
+                if self.state == FEDERATING and not self.supernode.alive():
+                    code = self.supernode.exit_code()
+                    self.supernode.stop()
+                    self._supernode_failures += 1
+                    delay = min(2.0 ** self._supernode_failures, self.config.coordinator.retry_max_seconds)
+                    self._next_supernode_start = now + delay
+                    log.warning("SuperNode exited with code %s (see %s); trying again in %.0f s", code,
+                                self.supernode.log_path, delay)
+                    self._enter(IDLE, "SuperNode exited")
+                elif self.state == FEDERATING and now - self._supernode_started > STABLE_SUPERNODE:
+                    self._supernode_failures = 0
+                elif self.state == IDLE and now >= self._next_supernode_start and not self.idle_blockers():
+                    self.supernode.start()
+                    self._supernode_started = now
+                    self._enter(FEDERATING, "idle rules hold")
+
+    def _feed_watchdog(self) -> None:
+        """Ping systemd's watchdog while the control loop ticks; a stalled loop gets the agent restarted."""
+        interval = service.watchdog_interval()
+        if interval is None:
+            return
+        while not self._stopping.wait(interval):
+            if self.control.healthy():
+                service.notify_watchdog()
+            else:
+                log.error("control loop stalled: not feeding the watchdog")
+
+    # -- reports ----------------------------------------------------------------------------------------
+    def status_line(self) -> str:
+        return f"{self.state}; live model {self.control.live_name or 'none'}"
+
+    def status(self) -> dict:
+        rounds = rounds_joined(self.config.federation_dir)
+        live = self.models.live()
+        return {
+            "robot": self.config.robot_id, "state": self.state,
+            "live-model": None if live is None else {"name": live.name, **_summary(read_manifest(live))},
+            "episodes": committed_episodes(self.config.dataset_root),
+            "recording": self.recording,
+            "rounds-joined": len(rounds), "last-round": rounds[-1] if rounds else None,
+            "federation": {"supernode-pid": self.supernode.process.pid if self.supernode.alive() else None,
+                           "failures": self._supernode_failures, "blocked-by": self.idle_blockers()},
+            "control": {**self.control.timing(), "mode": self.control.mode, "policy-error": self.control.error},
+            "last-swap": self.last_swap, "last-run": self.last_run,
+            "rejected": self.models.rejections()[:5],
+        }
+
+    def handle(self, request: dict) -> dict:
+        """One control API request (agent/control_api.py)."""
+        command = request["command"]
+        if command == "status":
+            return self.status()
+        if command == "models":
+            return {"models": self.models.models(), "rejected": self.models.rejections()}
+        if command == "record":
+            return self.record(_positive(request, "episodes"), request.get("task"))
+        if command == "run":
+            episodes = request.get("episodes")
+            return self.run(None if episodes is None else _positive(request, "episodes"),
+                            int(request.get("seed", EVAL_SEED_START)))
+        if command == "stop":
+            return self.stop()
+        if command == "rollback":
+            return self.rollback()
+        raise ValueError(f"unknown command {command!r}")
+
+
+class _InboxEvents(FileSystemEventHandler):
+    """Model directories appear in the inbox by rename (agent/inbox.py) or by a copy into it."""
+
+    def __init__(self, landed: queue.Queue):
+        self.landed = landed
+
+    def on_any_event(self, event) -> None:
+        path = Path(event.dest_path or event.src_path) if event.event_type == "moved" else Path(event.src_path)
+        if event.event_type in ("created", "moved"):
+            self.landed.put((path.name, time.monotonic()))
+
+
+def _summary(manifest: dict) -> dict:
+    return {key: manifest[key] for key in ("round", "sha256", "time") if key in manifest}
+
+
+def _positive(request: dict, key: str) -> int:
+    value = request.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def _read_json(path: Path, default):
+    return json.loads(path.read_text()) if path.is_file() else default

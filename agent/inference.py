@@ -1,0 +1,109 @@
+"""Action chunks computed ahead of need, so that a slow policy never stalls the control loop.
+
+lerobot's `select_action` computes a diffusion policy's next chunk of actions inside the tick that
+runs out of actions: ~80 ms for the pusht-state preset on one CPU core, more than two periods at
+30 Hz. lerobot's own remedy (async inference) runs the policy in a separate gRPC server process.
+Here a worker thread of the agent does it: the control thread keeps the last `n_obs_steps`
+observations and, when the queued actions cover fewer ticks than an inference takes, hands a
+snapshot to the worker, which calls the policy's public `predict_action_chunk`. Action i of a chunk
+belongs to the tick of the newest observation + i; actions for ticks already past are dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+from lerobot.policies.utils import prepare_observation_for_inference
+
+from fedbot.policy_io import LoadedPolicy
+
+
+class ChunkedInference:
+    """Feeds one action per tick from chunks computed by a worker thread."""
+
+    def __init__(self, period: float):
+        self.period = period
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._loaded: LoadedPolicy | None = None
+        self._generation = 0  # bumped when the policy changes; older chunks are discarded
+        self._history: deque[dict] = deque()
+        self._queue: deque[tuple[int, np.ndarray]] = deque()  # (tick, action)
+        self._future: Future | None = None
+        self._source: LoadedPolicy | None = None  # the policy that computed the queued actions
+        self._lock = threading.Lock()
+        self.inference_seconds = 0.0  # a slowly decaying maximum of recent chunk inferences
+        self.starved = 0  # ticks with a policy but no action ready
+
+    @property
+    def policy(self) -> LoadedPolicy | None:
+        return self._loaded
+
+    def set_policy(self, loaded: LoadedPolicy | None) -> None:
+        """Use `loaded` for the next chunks. Queued actions of the previous policy are still executed
+        until the new policy's first chunk is ready, so a swap never makes the robot stop."""
+        with self._lock:
+            self._generation += 1
+            self._loaded = loaded
+            self._future = None
+            if loaded is not None:
+                loaded.reset()
+                self._history = deque(self._history, maxlen=loaded.policy.config.n_obs_steps)
+            else:
+                self._queue.clear()
+
+    def reset(self) -> None:
+        """A new episode: forget observations and queued actions."""
+        with self._lock:
+            self._generation += 1
+            self._future = None
+            self._history.clear()
+            self._queue.clear()
+            if self._loaded is not None:
+                self._loaded.reset()
+
+    def step(self, tick: int, observation: dict) -> tuple[np.ndarray | None, LoadedPolicy | None]:
+        """The action for `tick` and the policy that computed it; (None, None) if none is ready.
+        An exception of the policy is raised here, in the control thread."""
+        loaded = self._loaded
+        if loaded is None:
+            return None, None
+        self._history.append(prepare_observation_for_inference(dict(observation), loaded.device))
+        while len(self._history) < self._history.maxlen:
+            self._history.appendleft(self._history[0])
+        with self._lock:
+            future, self._future = self._future, (None if self._future and self._future.done() else self._future)
+            if future is not None and future.done() and future.exception() is not None:
+                raise future.exception()
+            ahead = sum(1 for t, _ in self._queue if t > tick)
+            lookahead = max(1, math.ceil(self.inference_seconds / self.period))
+            if self._future is None and ahead < lookahead:
+                self._future = self._worker.submit(self._infer, loaded, list(self._history), tick, self._generation)
+            while self._queue and self._queue[0][0] < tick:
+                self._queue.popleft()
+            if self._queue and self._queue[0][0] == tick:
+                return self._queue.popleft()[1], self._source
+        self.starved += 1
+        return None, None
+
+    def _infer(self, loaded: LoadedPolicy, history: list[dict], tick: int, generation: int) -> None:
+        started = time.perf_counter()
+        with torch.inference_mode():
+            frames = [loaded.preprocessor(dict(observation)) for observation in history]
+            batch = {key: torch.stack([frame[key] for frame in frames], dim=1)
+                     for key in loaded.policy.config.input_features}
+            chunk = loaded.postprocessor(loaded.policy.predict_action_chunk(batch))
+        actions = chunk.squeeze(0).cpu().numpy()
+        with self._lock:
+            self.inference_seconds = max(time.perf_counter() - started, 0.9 * self.inference_seconds)
+            if generation == self._generation:
+                self._queue = deque((tick + i, action) for i, action in enumerate(actions))
+                self._source = loaded
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True, cancel_futures=True)

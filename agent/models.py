@@ -1,0 +1,181 @@
+"""The robot's models on disk: the checks a new model must pass, and the store of checked models.
+
+    <model-dir>/inbox/<name>/      deployed models land here (agent/inbox.py writes them atomically)
+    <model-dir>/store/<name>/      models that passed every check
+    <model-dir>/store/history.json the models that went live, oldest first; the last one is live
+    <model-dir>/rejected/<name>/   models that failed, with reason.txt
+
+A model becomes live only through `history.json`, written atomically after the model passed its
+checks and was swapped in; a model half-written or half-checked when the agent dies is never in it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from agent.inbox import MANIFEST, WEIGHTS, sha256_file
+from fedbot.evaluation import evaluate, write_json_atomic
+from fedbot.policy_io import LoadedPolicy, load_policy
+from fedbot.recording import EVAL_SEED_START
+
+log = logging.getLogger("fedbot.agent.models")
+HISTORY = "history.json"
+REASON = "reason.txt"
+KEEP_REJECTED = 20
+GATE_SEED_START = EVAL_SEED_START + 50_000  # the sim gate's own held-out scenes
+
+
+class ModelRejected(Exception):
+    """A model that must not go live; the message says why."""
+
+
+@dataclass(frozen=True)
+class CheckRules:
+    sim_gate_episodes: int = 0  # 0: no simulator gate
+    sim_gate_tolerance: float = 0.1
+    device: str | None = None
+
+
+def read_manifest(model: Path) -> dict:
+    try:
+        manifest = json.loads((model / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise ModelRejected(f"no {MANIFEST}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelRejected(f"{MANIFEST} is not JSON: {error}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("sha256"), str):
+        raise ModelRejected(f"{MANIFEST} has no sha256 of the weights")
+    return manifest
+
+
+def check_model(model: Path, robot_features: dict[str, tuple], rules: CheckRules) -> LoadedPolicy:
+    """Load `model` if it passes every check: manifest sha256 matches the weights, strict load, all
+    weights finite, inputs and action match this robot. Raises ModelRejected otherwise."""
+    manifest = read_manifest(model)
+    if not (model / WEIGHTS).is_file():
+        raise ModelRejected(f"no {WEIGHTS}")
+    digest = sha256_file(model / WEIGHTS)
+    if digest != manifest["sha256"]:
+        raise ModelRejected(f"{WEIGHTS} hashes to {digest[:12]}..., the manifest says {manifest['sha256'][:12]}...")
+    try:
+        loaded = load_policy(model, rules.device)
+    except Exception as error:  # noqa: BLE001  any failure to load is a reason to reject, with its text
+        raise ModelRejected(f"does not load: {type(error).__name__}: {str(error)[:500]}") from None
+    bad = [name for name, tensor in loaded.policy.state_dict().items() if not torch.isfinite(tensor).all()]
+    if bad:
+        raise ModelRejected(f"{len(bad)} weight tensors hold NaN or inf (first: {bad[0]})")
+    mismatch = feature_mismatch(loaded, robot_features)
+    if mismatch:
+        raise ModelRejected(f"does not fit this robot: {mismatch}")
+    return loaded
+
+
+def feature_mismatch(loaded: LoadedPolicy, robot_features: dict[str, tuple]) -> str | None:
+    """Why the policy's inputs or output do not match the robot's features (None if they do).
+    Images are HWC on the robot and CHW in the policy."""
+    config = loaded.policy.config
+    wanted = {**config.input_features, **config.output_features}
+    for key, feature in wanted.items():
+        shape = tuple(feature.shape)
+        have = robot_features.get(key)
+        if have is None:
+            return f"the policy needs {key!r}, the robot has no such feature"
+        have = tuple(have)
+        if len(have) == 3:
+            have = (have[2], have[0], have[1])
+        if have != shape:
+            return f"{key!r} has shape {have} on the robot, {shape} in the policy"
+    return None
+
+
+def sim_gate_success(loaded: LoadedPolicy, episodes: int) -> float:
+    return evaluate(loaded, episodes, seed_start=GATE_SEED_START, policy_name="sim gate").success_rate
+
+
+class ModelStore:
+    """The inbox, the checked models, the live one and the rejected ones of one robot."""
+
+    def __init__(self, model_dir: Path, keep: int):
+        self.inbox = Path(model_dir) / "inbox"
+        self.store = Path(model_dir) / "store"
+        self.rejected = Path(model_dir) / "rejected"
+        self.keep = keep
+        for directory in (self.inbox, self.store, self.rejected):
+            directory.mkdir(parents=True, exist_ok=True)
+        for leftover in self.store.glob(".*"):  # an accept or history write cut short
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+
+    # -- the inbox --------------------------------------------------------------------------------
+    def pending(self) -> list[Path]:
+        """Complete models waiting in the inbox, oldest first (hidden names are still being written)."""
+        models = [p for p in self.inbox.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        return sorted(models, key=lambda p: p.stat().st_mtime)
+
+    def accept(self, model: Path) -> Path:
+        """Move a checked model from the inbox into the store (not yet live)."""
+        target = self.store / model.name
+        if target.exists():
+            shutil.rmtree(model)
+            return target
+        os.rename(model, target)
+        return target
+
+    def reject(self, model: Path, reason: str) -> None:
+        target = self.rejected / model.name
+        shutil.rmtree(target, ignore_errors=True)
+        os.rename(model, target)
+        (target / REASON).write_text(reason + "\n")
+        for old in self.rejections()[KEEP_REJECTED:]:
+            shutil.rmtree(self.rejected / old["name"], ignore_errors=True)
+
+    def rejections(self) -> list[dict]:
+        """Rejected models, newest first, with the reason."""
+        entries = sorted(self.rejected.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+        return [{"name": p.name, "reason": (p / REASON).read_text().strip() if (p / REASON).is_file() else "?"}
+                for p in entries if p.is_dir()]
+
+    # -- live model and history -------------------------------------------------------------------
+    def history(self) -> list[str]:
+        path = self.store / HISTORY
+        return json.loads(path.read_text()) if path.is_file() else []
+
+    def live(self) -> Path | None:
+        history = self.history()
+        return self.store / history[-1] if history else None
+
+    def previous(self) -> Path | None:
+        """The model that was live before the live one (the target of a rollback)."""
+        history = self.history()
+        return self.store / history[-2] if len(history) >= 2 else None
+
+    def went_live(self, model: Path) -> None:
+        """Record that `model` (in the store) is now live; forget models beyond `keep`."""
+        history = [name for name in self.history() if name != model.name] + [model.name]
+        self._write_history(history[-self.keep:])
+
+    def rolled_back(self) -> None:
+        """Record that the previous model is live again."""
+        self._write_history(self.history()[:-1])
+
+    def _write_history(self, history: list[str]) -> None:
+        write_json_atomic(self.store / HISTORY, history)
+        for model in self.store.iterdir():
+            if model.is_dir() and model.name not in history and not model.name.startswith("."):
+                shutil.rmtree(model)
+
+    def models(self) -> list[dict]:
+        """The kept models, newest first: name, round, sha256, and whether it is live."""
+        history = self.history()
+        rows = []
+        for name in reversed(history):
+            manifest = read_manifest(self.store / name)
+            rows.append({"name": name, "round": manifest.get("round"), "sha256": manifest["sha256"],
+                         "live": name == history[-1]})
+        return rows

@@ -1,0 +1,62 @@
+"""Typed dataclass configs from plain mappings (TOML files, Flower run configs).
+
+Keys are the field names with '-' for '_' (Flower's style). An unknown key or a value of the wrong
+type raises `ConfigError` naming the key and where it came from; nothing is silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the key and its source."""
+
+
+def key_of(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+def from_mapping(cls, data: dict, source: str, prefix: str = ""):
+    """Build dataclass `cls` from `data`; nested dataclass fields are TOML tables."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'the config'} must be a table")
+    hints = typing.get_type_hints(cls)
+    known = {key_of(f.name): f for f in dataclasses.fields(cls) if f.init}
+    values = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key {prefix + key!r}; known keys: {', '.join(sorted(known))}")
+        field = known[key]
+        values[field.name] = _convert(hints[field.name], value, source, prefix + key)
+    missing = [key for key, f in known.items() if key not in data and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{source}: missing key {prefix + missing[0]!r}")
+    return cls(**values)
+
+
+def _convert(kind, value, source: str, key: str):
+    if dataclasses.is_dataclass(kind):
+        return from_mapping(kind, value, source, key + ".")
+    options = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        if option is type(None):
+            continue
+        if option is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if option is Path and isinstance(value, str):
+            return Path(value)
+        if typing.get_origin(option) is list and isinstance(value, list):
+            (item,) = typing.get_args(option)
+            return [_convert(item, v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+        wrong_bool = isinstance(value, bool) and option is not bool  # bool is an int in Python
+        if isinstance(option, type) and isinstance(value, option) and not wrong_bool:
+            return value
+    names = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
+    raise ConfigError(f"{source}: key {key!r} must be {names}, got {value!r}")

@@ -1,0 +1,112 @@
+"""The checks a model must pass before it can go live, and the store's history and rollback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import deliver_model
+from safetensors.torch import load_file, save_file
+
+from agent.inbox import MANIFEST, WEIGHTS, sha256_file
+from agent.models import CheckRules, ModelRejected, ModelStore, check_model
+from hardware.pusht_sim import PushTSim, PushTSimConfig
+
+ROBOT = PushTSim(PushTSimConfig(id="check"))
+FEATURES = {**ROBOT.observation_features, **ROBOT.action_features}
+
+
+def _rehash(directory):
+    """Make the manifest agree with the (edited) weights, as a buggy but honest sender would."""
+    manifest = json.loads((directory / MANIFEST).read_text())
+    manifest["sha256"] = sha256_file(directory / WEIGHTS)
+    (directory / MANIFEST).write_text(json.dumps(manifest))
+
+
+def _flip_bytes(directory):
+    data = bytearray((directory / WEIGHTS).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (directory / WEIGHTS).write_bytes(bytes(data))
+
+
+def _truncate(directory):
+    data = (directory / WEIGHTS).read_bytes()
+    (directory / WEIGHTS).write_bytes(data[: len(data) // 3])
+    _rehash(directory)
+
+
+def _nan(directory):
+    weights = load_file(directory / WEIGHTS)
+    name = sorted(weights)[0]
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, directory / WEIGHTS)
+    _rehash(directory)
+
+
+def _wrong_shape(directory):
+    weights = load_file(directory / WEIGHTS)
+    name = next(n for n, t in weights.items() if t.ndim == 2)
+    weights[name] = torch.zeros(weights[name].shape[0] + 1, weights[name].shape[1])
+    save_file(weights, directory / WEIGHTS)
+    _rehash(directory)
+
+
+def _no_manifest(directory):
+    (directory / MANIFEST).unlink()
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (_flip_bytes, "hashes to"),
+    (_truncate, "does not load"),
+    (_nan, "NaN or inf"),
+    (_wrong_shape, "does not load"),
+    (_no_manifest, "no manifest.json"),
+])
+def test_damaged_models_are_rejected_with_the_reason(untrained_policy, tmp_path, damage, reason):
+    model = deliver_model(untrained_policy, tmp_path / "inbox", "bad", edit=damage)
+    with pytest.raises(ModelRejected, match=reason):
+        check_model(model, FEATURES, CheckRules(device="cpu"))
+
+
+def test_a_sound_model_passes_and_loads(untrained_policy, tmp_path):
+    model = deliver_model(untrained_policy, tmp_path / "inbox", "good")
+    loaded = check_model(model, FEATURES, CheckRules(device="cpu"))
+    assert loaded.policy.config.input_features.keys() == {"observation.state", "observation.environment_state"}
+
+
+def test_a_model_for_another_robot_is_rejected(untrained_policy, tmp_path):
+    model = deliver_model(untrained_policy, tmp_path / "inbox", "pusht")
+    arm = {**FEATURES, "observation.state": (6,)}  # six joints, not PushT's x, y
+    with pytest.raises(ModelRejected, match="does not fit this robot: 'observation.state' has shape"):
+        check_model(model, arm, CheckRules(device="cpu"))
+    no_keypoints = {k: v for k, v in FEATURES.items() if k != "observation.environment_state"}
+    with pytest.raises(ModelRejected, match="needs 'observation.environment_state'"):
+        check_model(model, no_keypoints, CheckRules(device="cpu"))
+
+
+def test_store_history_rollback_and_pruning(untrained_policy, tmp_path):
+    store = ModelStore(tmp_path / "models", keep=2)
+    names = []
+    for i in range(3):
+        names.append(f"round_{i}")
+        model = deliver_model(untrained_policy, store.inbox, names[-1], round_number=i)
+        assert store.pending() == [model]
+        store.went_live(store.accept(model))
+    assert store.live().name == "round_2" and store.previous().name == "round_1"
+    assert not (store.store / "round_0").exists()  # beyond keep=2
+    assert [m["name"] for m in store.models()] == ["round_2", "round_1"]
+    store.rolled_back()
+    assert store.live().name == "round_1" and store.previous() is None
+    assert not (store.store / "round_2").exists()
+
+    bad = deliver_model(untrained_policy, store.inbox, "bad", edit=_nan)
+    store.reject(bad, "NaN")
+    assert store.rejections() == [{"name": "bad", "reason": "NaN"}]
+    assert store.pending() == []
+
+
+def test_models_being_written_are_not_pending(untrained_policy, tmp_path):
+    store = ModelStore(tmp_path / "models", keep=3)
+    (store.inbox / ".incoming-round_0009-abc").mkdir()
+    assert store.pending() == []
