@@ -60,6 +60,7 @@ class ControlLoop:
         self.error: str | None = None  # the last policy error (the loop then holds)
         self.ticks = 0
         self.missed = 0
+        self.actions = 0  # actions sent to the robot
         self.last_tick = time.monotonic()
         self._starts: deque[float] = deque(maxlen=TIMING_WINDOW)
         self._ticket: SwapTicket | None = None  # handed over, not yet installed
@@ -130,11 +131,12 @@ class ControlLoop:
         periods = np.diff(starts) if len(starts) > 2 else np.zeros(1)
         jitter = np.abs(periods - self.period) * 1e3
         return {"rate-hz": round(1.0 / self.period, 3), "ticks": self.ticks, "missed": self.missed,
+                "actions": self.actions,
                 "period-ms-mean": round(float(periods.mean()) * 1e3, 3),
                 "jitter-ms-p50": round(float(np.percentile(jitter, 50)), 3),
                 "jitter-ms-p99": round(float(np.percentile(jitter, 99)), 3),
                 "jitter-ms-max": round(float(jitter.max()), 3),
-                "starved-ticks": self.inference.starved,
+                "starved-ticks": self.inference.starved, "late-chunks": self.inference.late_chunks,
                 "inference-ms": round(self.inference.inference_seconds * 1e3, 1)}
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -175,6 +177,7 @@ class ControlLoop:
             self._swapped.done.set()
             self._swapped = None
         self.robot.send_action(_robot_action(self.robot, action))
+        self.actions += 1
         if self._run is not None and hasattr(self.robot, "episode_status"):
             self._judge_episode()
 

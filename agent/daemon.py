@@ -21,6 +21,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import torch
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
@@ -46,6 +47,7 @@ SWAP_TIMEOUT = 60.0
 class Agent:
     def __init__(self, config: AgentConfig):
         self.config = config
+        torch.set_num_threads(config.control.inference_threads)
         self.state = IDLE
         self.robot = make_robot(config.robot.type, config.robot_id)
         self.control = ControlLoop(self.robot, config.control.rate_hz)
@@ -161,6 +163,7 @@ class Agent:
             self._save_next_seed(scene + 1)
             self.recording["done"] += 1
             self.recording["kept"] += bool(status.success)
+            log.info("recorded scene %d: %s", scene, "kept" if status.success else "failed, not kept")
 
         try:
             return record_episodes(self.robot, teleop, store, episodes=episodes, seed_start=seed, task=task,

@@ -39,6 +39,8 @@ class ChunkedInference:
         self._lock = threading.Lock()
         self.inference_seconds = 0.0  # a slowly decaying maximum of recent chunk inferences
         self.starved = 0  # ticks with a policy but no action ready
+        self.late_chunks = 0  # chunks that arrived after all their ticks had passed
+        self._tick = 0  # the control loop's current tick
 
     @property
     def policy(self) -> LoadedPolicy | None:
@@ -71,6 +73,7 @@ class ChunkedInference:
         """The action for `tick` and the policy that computed it; (None, None) if none is ready.
         An exception of the policy is raised here, in the control thread."""
         loaded = self._loaded
+        self._tick = tick
         if loaded is None:
             return None, None
         self._history.append(prepare_observation_for_inference(dict(observation), loaded.device))
@@ -102,7 +105,11 @@ class ChunkedInference:
         with self._lock:
             self.inference_seconds = max(time.perf_counter() - started, 0.9 * self.inference_seconds)
             if generation == self._generation:
-                self._queue = deque((tick + i, action) for i, action in enumerate(actions))
+                # A chunk that arrives after its last tick would leave nothing to do, every time, if the
+                # policy is slower than a chunk's span: then its last action is taken as the current one.
+                late = max(0, self._tick - tick - (len(actions) - 1))
+                self.late_chunks += late > 0
+                self._queue = deque((tick + late + i, action) for i, action in enumerate(actions))
                 self._source = loaded
 
     def close(self) -> None:

@@ -84,11 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", parents=[agent], help="the agent's kept models (live marked) and rejected ones")
     sub.add_parser("rollback", parents=[agent], help="make the previously live model live again")
 
-    sim = sub.add_parser("sim", help="dry run in the simulator: record -> train -> eval")
-    sim.add_argument("--episodes", type=_positive, default=20, help="demonstrations to record")
-    sim.add_argument("--steps", type=_non_negative, default=1000, help="training steps")
-    sim.add_argument("--eval-episodes", type=_positive, default=10)
-    sim.add_argument("--style", choices=sorted(STYLES), default="default")
+    sim = sub.add_parser("sim", help="the fleet dry run: a coordinator and simulated robot agents on localhost",
+                         description="A coordinator and N `fedbot-agent --sim` robots over the real Flower "
+                                     "deployment engine: record, federate, deploy, hot-swap, run the policy.")
+    sim.add_argument("--robots", type=_positive, default=2, help="simulated robots (agents)")
+    sim.add_argument("--episodes", type=_positive, default=8, help="demonstrations each robot records")
+    sim.add_argument("--rounds", type=_positive, default=2, help="federated rounds")
+    sim.add_argument("--local-steps", type=_positive, default=100, help="training steps per robot per round")
+    sim.add_argument("--policy-episodes", type=_positive, default=3,
+                     help="episodes each robot runs with the deployed model at the end")
+    sim.add_argument("--eval-episodes", type=_positive, default=2, help="server-side evaluation episodes per round")
     sim.add_argument("--out", type=Path, default=Path("outputs"), help="parent of the run directory")
     return parser
 
@@ -182,20 +187,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sim(args) -> int:
-    from fedbot.evaluation import evaluate, print_report
-    from fedbot.policy_io import load_policy
-    from fedbot.presets import get_preset
-    from fedbot.training import train
+    from fedbot.fleet import FleetSettings, run_fleet
 
-    run = args.out / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    dataset = run / "dataset"
-    console.rule(f"[bold]fedbot sim[/] -> {run}")
-    report = _record(dataset, args.episodes, "expert", args.style, 0)
-    console.print(f"recorded {report.kept} of {report.attempted} episodes into {dataset}")
-    policy_dir = train(dataset, get_preset("pusht-state"), args.steps, run / "train")
-    result = evaluate(load_policy(policy_dir), args.eval_episodes, run / "eval", policy_name=str(policy_dir))
-    print_report(result)
-    console.print(f"dataset: {dataset}\npolicy:  {policy_dir}\neval:    {run / 'eval'} (eval.json, rollout_*.mp4)")
+    settings = FleetSettings(robots=args.robots, episodes=args.episodes, rounds=args.rounds,
+                             local_steps=args.local_steps, policy_episodes=args.policy_episodes,
+                             eval_episodes=args.eval_episodes, out=args.out)
+    run_fleet(settings, console)
     return 0
 
 

@@ -13,23 +13,31 @@ import sys
 
 from systemd import daemon, journal
 
+log = logging.getLogger("fedbot.service")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+def _notify(message: str) -> None:
+    try:
+        daemon.notify(message)
+    except OSError as error:  # systemd gone (shutdown) or a stale NOTIFY_SOCKET: not the daemon's problem
+        log.debug("sd_notify failed: %s", error)
+
+
 def notify_ready(status: str) -> None:
-    daemon.notify(f"READY=1\nSTATUS={status}")
+    _notify(f"READY=1\nSTATUS={status}")
 
 
 def notify_status(status: str) -> None:
-    daemon.notify(f"STATUS={status}")
+    _notify(f"STATUS={status}")
 
 
 def notify_watchdog() -> None:
-    daemon.notify("WATCHDOG=1")
+    _notify("WATCHDOG=1")
 
 
 def notify_stopping() -> None:
-    daemon.notify("STOPPING=1")
+    _notify("STOPPING=1")
 
 
 def watchdog_interval() -> float | None:

@@ -78,3 +78,40 @@ def group_alive(pgid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+class NotifySocket:
+    """A real sd_notify receiver: the datagram socket a process gets as NOTIFY_SOCKET. Like systemd
+    it reads every datagram as it comes (a sender blocks once ~10 datagrams wait unread)."""
+
+    def __init__(self, path: Path, timeout: float = 300.0):
+        self.path = path
+        self.timeout = timeout  # an upper bound for each wait; each datagram ends it
+        self._messages: queue.Queue[dict[str, str]] = queue.Queue()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(path))
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self._sock.recv(4096).decode()
+            except OSError:  # closed
+                return
+            self._messages.put(dict(line.split("=", 1) for line in data.splitlines() if "=" in line))
+
+    def next(self) -> dict[str, str]:
+        try:
+            return self._messages.get(timeout=self.timeout)
+        except queue.Empty:
+            raise AssertionError(f"no notify message on {self.path} within {self.timeout} s") from None
+
+    def wait_for(self, key: str, value: str | None = None) -> dict[str, str]:
+        """The next message that sets `key` (to `value`, if given)."""
+        while True:
+            message = self.next()
+            if key in message and (value is None or message[key] == value):
+                return message
+
+    def close(self) -> None:
+        self._sock.close()

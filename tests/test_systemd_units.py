@@ -6,7 +6,6 @@ import configparser
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tomllib
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.main import robot_keys
-from processes import Followed, free_port, kill_group
+from processes import Followed, NotifySocket, free_port, kill_group
 
 ROOT = Path(__file__).resolve().parents[1]
 UNITS = ROOT / "deploy" / "systemd"
@@ -110,9 +109,7 @@ def test_register_dir_takes_every_public_key_in_it(tmp_path):
 
 def test_coordinator_notifies_ready_and_stopping(tmp_path):
     notify = tmp_path / "notify"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(notify))
-    sock.settimeout(300)  # an upper bound for the SuperLink to come up; each datagram ends the wait
+    sock = NotifySocket(notify)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "NOTIFY_SOCKET": str(notify),
            "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("JOURNAL_STREAM", None)  # plain lines on stderr, as in a terminal
@@ -121,25 +118,15 @@ def test_coordinator_notifies_ready_and_stopping(tmp_path):
     coordinator = Followed(command, tmp_path / "coordinator.log", env)
     superlink_pid = None
 
-    def next_message() -> dict[str, str]:
-        try:
-            data = sock.recv(4096).decode()
-        except TimeoutError:
-            raise AssertionError(f"no notify message; see {coordinator.log}") from None
-        return dict(line.split("=", 1) for line in data.splitlines())
-
     try:
-        message = next_message()
-        while message.get("READY") != "1":
-            message = next_message()
+        message = sock.wait_for("READY", "1")
         assert message["STATUS"].startswith("robots can join at 127.0.0.1:")
         superlink_pid = int(coordinator.wait_for(r"SuperLink up at .*, pid (\d+)", timeout=60).group(1))
         coordinator.wait_for(r"ready: robots can join at", timeout=60)
 
         # As systemd with KillMode=mixed: SIGTERM to the main process only.
         coordinator.process.send_signal(signal.SIGTERM)
-        while next_message().get("STOPPING") != "1":
-            pass
+        sock.wait_for("STOPPING", "1")
         assert coordinator.wait(timeout=90) == 0, coordinator.text()
         assert "stopping (SIGTERM)" in coordinator.text()
     finally:

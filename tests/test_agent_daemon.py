@@ -1,0 +1,146 @@
+"""fedbot-agent as a real process: systemd notify protocol, recording through the control API, the
+SuperNode while the coordinator is unreachable, checked hot-swaps and rejections through the inbox,
+rollback, policy runs preempting federation, and SIGKILL at bad moments."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from helpers import deliver_model
+from processes import Followed, NotifySocket, free_port, group_alive, kill_group
+from test_agent_models import _flip_bytes, _nan, _truncate, _wrong_shape
+
+from agent.control_api import request
+from coordinator.superlink import BIN
+from fedbot.episode_store import committed_episodes
+
+
+def write_config(directory: Path, superlink_port: int) -> Path:
+    config = directory / "agent.toml"
+    config.write_text(f"""
+robot-id = "robot-test"
+data-dir = "data"
+socket = "agent.sock"
+[coordinator]
+superlink = "127.0.0.1:{superlink_port}"
+supernode-port = {free_port()}
+[idle]
+cooldown-seconds = 0.0
+[control]
+rate-hz = 30.0
+""")
+    return config
+
+
+def start_agent(directory: Path, notify: Path, log_name: str) -> Followed:
+    env = {**os.environ, "NOTIFY_SOCKET": str(notify), "WATCHDOG_USEC": "1000000", "SVT_LOG": "1"}
+    env.pop("JOURNAL_STREAM", None)
+    return Followed([str(BIN / "fedbot-agent"), "--config", str(directory / "agent.toml"), "--sim"],
+                    directory / log_name, env)
+
+
+def fedbot(directory: Path, *args: str) -> str:
+    result = subprocess.run([str(BIN / "fedbot"), *args, "--socket", str(directory / "agent.sock")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_bad_config_names_the_key_and_the_file(tmp_path):
+    config = tmp_path / "agent.toml"
+    config.write_text('robot-id = "r1"\n[idle]\ncooldown = 3\n')
+    result = subprocess.run([str(BIN / "fedbot-agent"), "--config", str(config)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert f"{config}: unknown key 'idle.cooldown'" in result.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_agent_life(tmp_path, untrained_policy):
+    write_config(tmp_path, superlink_port=free_port())  # nothing listens there: coordinator unreachable
+    sock = tmp_path / "agent.sock"
+    inbox = tmp_path / "data" / "models" / "inbox"
+    notify = NotifySocket(tmp_path / "notify")
+    agent = start_agent(tmp_path, notify.path, "agent1.log")
+    try:
+        ready = notify.wait_for("READY", "1")
+        assert ready["STATUS"] == "idle; live model none"
+        notify.wait_for("WATCHDOG", "1")  # the control loop ticks, so the watchdog is fed
+        assert (sock.stat().st_mode & 0o777) == 0o660
+
+        # A teleop session on the daemon; then the robot is idle with new episodes and joins.
+        out = json.loads(fedbot(tmp_path, "record", "--episodes", "2"))
+        assert out["episodes"] == out["kept"] == 2
+        agent.wait_for(r"state: idle -> federating", timeout=60)
+        status = request(sock, "status")
+        assert status["federation"]["supernode-pid"] is not None and status["episodes"] == 2
+
+        # Checked hot-swaps through the inbox; damaged models are rejected, the live one stays.
+        deliver_model(untrained_policy, inbox, "round_0001-a", 1)
+        agent.wait_for(r"model round_0001-a is live", timeout=120)
+        for damage in (_flip_bytes, _truncate, _nan, _wrong_shape):
+            deliver_model(untrained_policy, inbox, f"bad{damage.__name__}", 2, edit=damage)
+            agent.wait_for(rf"model bad{damage.__name__} rejected", timeout=120)
+        deliver_model(untrained_policy, inbox, "round_0002-b", 2)
+        agent.wait_for(r"model round_0002-b is live", timeout=120)
+        status = request(sock, "status")
+        assert status["live-model"]["name"] == "round_0002-b"
+        assert len(status["rejected"]) == 4 and status["last-swap"]["model"] == "round_0002-b"
+        assert request(sock, "rollback") == {"live": "round_0001-a"}
+        assert "round_0002-b" not in fedbot(tmp_path, "models")
+
+        # Running the policy preempts federating: the SuperNode leaves; the episode is judged.
+        result = request(sock, "run", episodes=1, seed=100_000)
+        assert result["episodes"] == 1 and result["models"] == ["round_0001-a"]
+        text = agent.text()
+        assert "state: federating -> idle (running the policy preempts federating)" in text
+        assert "state: idle -> running-policy" in text and "SuperNode stopped" in text
+
+        # SIGKILL while a model is half-written and another is being checked.
+        (inbox / ".incoming-round_0009-x").mkdir()
+        (inbox / ".incoming-round_0009-x" / "model.safetensors").write_bytes(b"half")
+        agent.wait_for(r"state: idle -> federating", timeout=60)
+        old_supernode = request(sock, "status")["federation"]["supernode-pid"]
+        deliver_model(untrained_policy, inbox, "round_0003-c", 3)
+        agent.wait_for(r"new model round_0003-c: checking", timeout=60)
+        os.kill(agent.process.pid, signal.SIGKILL)
+        agent.wait(timeout=60)
+
+        agent = start_agent(tmp_path, notify.path, "agent2.log")
+        notify.wait_for("READY", "1")
+        status = request(sock, "status")
+        assert status["live-model"]["name"] in ("round_0001-a", "round_0003-c")  # checked, whichever
+        assert status["episodes"] == 2
+        agent.wait_for(r"state: idle -> federating", timeout=60)  # rejoins
+        assert not group_alive(old_supernode)  # the killed agent's SuperNode is gone
+
+        # SIGKILL while recording: the committed episodes survive and recording continues.
+        recorder = subprocess.Popen([str(BIN / "fedbot"), "record", "--episodes", "3", "--socket", str(sock)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        agent.wait_for(r"recorded scene \d+: kept", timeout=120)
+        os.kill(agent.process.pid, signal.SIGKILL)
+        agent.wait(timeout=60)
+        recorder.wait(timeout=60)
+        assert recorder.returncode != 0
+        kept = committed_episodes(tmp_path / "data" / "dataset")
+        assert kept >= 3
+
+        agent = start_agent(tmp_path, notify.path, "agent3.log")
+        notify.wait_for("READY", "1")
+        assert json.loads(fedbot(tmp_path, "record", "--episodes", "1"))["episodes"] == kept + 1
+
+        # SIGTERM: the SuperNode leaves, the agent says STOPPING and exits 0.
+        agent.wait_for(r"state: idle -> federating", timeout=60)
+        agent.process.send_signal(signal.SIGTERM)
+        notify.wait_for("STOPPING", "1")
+        assert agent.wait(timeout=90) == 0, agent.text()
+        assert "SuperNode stopped" in agent.text()
+    finally:
+        if agent.process.poll() is None:
+            agent.kill_group()
+        kill_group(agent.process.pid)
+        notify.close()
