@@ -12,6 +12,7 @@ Holding means sending nothing: the PushT sim then stands still and servo arms ke
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -73,6 +74,9 @@ class ControlLoop:
 
     # -- commands (any thread) ---------------------------------------------------------------------
     def start(self) -> None:
+        # Python hands the GIL to a waiting thread every switch interval (5 ms by default). Loading a
+        # model or computing a chunk in other threads then delays ticks by up to that much each time.
+        sys.setswitchinterval(0.001)
         self._thread.start()
 
     def close(self) -> None:

@@ -84,7 +84,7 @@ class ChunkedInference:
             if future is not None and future.done() and future.exception() is not None:
                 raise future.exception()
             ahead = sum(1 for t, _ in self._queue if t > tick)
-            lookahead = max(1, math.ceil(self.inference_seconds / self.period))
+            lookahead = math.ceil(self.inference_seconds / self.period) + 1  # +1: the tick it lands in
             if self._future is None and ahead < lookahead:
                 self._future = self._worker.submit(self._infer, loaded, list(self._history), tick, self._generation)
             while self._queue and self._queue[0][0] < tick:

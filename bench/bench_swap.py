@@ -4,7 +4,8 @@
 
 An in-process agent (the real inbox watcher, checks, store and control loop) drives the PushT sim
 robot with the pusht-state preset. Each model is written with the deploy path the ClientApp uses
-(agent/inbox.py: write, fsync, rename), then the benchmark waits until it is live. Reported: missed
+(agent/inbox.py: write, fsync, rename) into a staging directory first; each swap is one
+rename into the inbox, and the benchmark waits until the model is live. Reported: missed
 ticks, tick jitter, starved ticks, swap latency (inbox event -> first action computed by the new
 weights), process RSS before and after.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -41,9 +43,15 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def deliver(agent: Agent, loaded, round_number: int, sha: str) -> str:
-    path = write_to_inbox(agent.models.inbox, loaded, {"round": round_number, "sha256": sha, "time": time.time()})
-    return path.name
+def stage(staging: Path, loaded, round_number: int, sha: str) -> Path:
+    """A model written the way the ClientApp's deploy writes it (before the clock runs)."""
+    return write_to_inbox(staging, loaded, {"round": round_number, "sha256": sha, "time": time.time()})
+
+
+def deliver(agent: Agent, staged: Path) -> str:
+    """The model lands: one rename into the inbox, as at the end of the deploy's write."""
+    os.rename(staged, agent.models.inbox / staged.name)
+    return staged.name
 
 
 def wait_live(agent: Agent, name: str, timeout: float = 120.0) -> dict:
@@ -72,18 +80,20 @@ def main() -> None:
     config = AgentConfig(robot_id="bench", data_dir=work / "agent", socket=work / "agent.sock",
                          coordinator=CoordinatorSection(superlink="127.0.0.1:1"),
                          control=ControlSection(rate_hz=args.rate, device="cpu", inference_threads=args.threads))
+    staged = [stage(work / "staging", loaded, i, sha) for i in range(args.swaps + 1)]
     agent = Agent(config)
     agent.start()
     try:
-        wait_live(agent, deliver(agent, loaded, 0, sha))
+        wait_live(agent, deliver(agent, staged[0]))
         agent.run()  # the policy runs on; sim episodes restart as they end
         agent.control.wait_ticks(int(args.rate) * 5, timeout=60)  # settle for 5 s
         control = agent.control
-        rss_before, missed_before, ticks_before, actions_before = rss_mb(), control.missed, control.ticks, control.actions
+        rss_before, missed_before = rss_mb(), control.missed
+        ticks_before, actions_before = control.ticks, control.actions
         started = time.monotonic()
         latencies = []
         for i in range(1, args.swaps + 1):
-            latencies.append(wait_live(agent, deliver(agent, loaded, i, sha))["latency-ms"])
+            latencies.append(wait_live(agent, deliver(agent, staged[i]))["latency-ms"])
         elapsed = time.monotonic() - started
         timing = agent.control.timing()
         rss_after = rss_mb()

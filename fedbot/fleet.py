@@ -14,8 +14,6 @@ into its live controller, and runs policy episodes. Everything goes to one direc
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import re
 import socket
@@ -36,7 +34,6 @@ from fedbot.evaluation import write_json_atomic
 from fedbot.recording import EVAL_SEED_START
 
 BIN = Path(sys.executable).parent
-log = logging.getLogger("fedbot.fleet")
 STARTUP_TIMEOUT = 300.0
 DEPLOY_TIMEOUT = 300.0
 ROUND_LINE = re.compile(r"round \d+: (training on|\{)|run ended|Traceback|error", re.IGNORECASE)
@@ -136,7 +133,8 @@ class Fleet:
                     time.sleep(0.5)  # tail -f
                     continue
                 if ROUND_LINE.search(line):
-                    self.console.print(f"[dim]coordinator[/] {line.rstrip()[-200:]}")
+                    message = line.rstrip().split(": ", 1)[-1]  # without the time and logger name
+                    self.console.print(f"[dim]coordinator[/] {message[:300]}", highlight=False)
 
     def on_each_robot(self, command: str, **arguments) -> list[dict]:
         with ThreadPoolExecutor(len(self.robots)) as pool:
@@ -173,23 +171,23 @@ def run_fleet(settings: FleetSettings, console: Console) -> dict:
     console.rule(f"[bold]fedbot sim[/]: {settings.robots} robots -> {fleet.run_dir}")
     try:
         fleet.start()
-        before = fleet.on_each_robot("status")
         console.print(f"recording {settings.episodes} demonstrations on each robot")
         recorded = fleet.on_each_robot("record", episodes=settings.episodes)
-        console.print("recorded: " + ", ".join(f"robot{i} {r['kept']}/{r['attempted']}" for i, r in enumerate(recorded)))
+        kept = ", ".join(f"robot{i} {r['kept']}/{r['attempted']}" for i, r in enumerate(recorded))
+        console.print(f"recorded (kept/attempted): {kept}")
         console.print(f"robots idle: they join the federation for {settings.rounds} rounds")
         fleet.wait_for_deployment()
-        console.print(f"final global model live on every robot; running {settings.policy_episodes} policy episodes each")
+        console.print(f"final global model live on every robot; {settings.policy_episodes} policy episodes each")
         after = fleet.on_each_robot("run", episodes=settings.policy_episodes, seed=EVAL_SEED_START)
         statuses = fleet.on_each_robot("status")
     finally:
         fleet.close()
     summary = {"run-dir": str(fleet.run_dir), "federation": str(fleet.run_dir / "federation"), "robots": []}
-    for i, (start, run, status) in enumerate(zip(before, after, statuses, strict=True)):
+    for i, (run, status) in enumerate(zip(after, statuses, strict=True)):
         summary["robots"].append({
             "robot": f"robot{i}", "episodes": status["episodes"], "rounds-joined": status["rounds-joined"],
             "live-model": status["live-model"]["name"], "live-model-sha256": status["live-model"]["sha256"],
-            "success-before": None if start["live-model"] is None else start["live-model"],
+            "success-before": None,  # every robot of a dry run starts fresh, without a model
             "success-after": run["success-rate"], "policy-episodes": run["episodes"],
             "missed-ticks": status["control"]["missed"],
         })
@@ -201,10 +199,9 @@ def run_fleet(settings: FleetSettings, console: Console) -> dict:
 
 def summary_table(summary: dict) -> Table:
     table = Table(title="fleet summary")
-    for column in ("robot", "episodes", "rounds joined", "live model", "sha256", "success before", "success after"):
-        table.add_column(column)
+    for column in ("robot", "episodes", "rounds joined", "live model", "success before", "success after"):
+        table.add_column(column, no_wrap=column == "live model")
     for row in summary["robots"]:
-        before = "no model" if row["success-before"] is None else f"{row['success-before']:.0%}"
-        table.add_row(row["robot"], str(row["episodes"]), str(row["rounds-joined"]), row["live-model"],
-                      row["live-model-sha256"][:12], before, f"{row['success-after']:.0%}")
+        table.add_row(row["robot"], str(row["episodes"]), str(row["rounds-joined"]), row["live-model"], "no model",
+                      f"{row['success-after']:.0%} of {row['policy-episodes']}")
     return table

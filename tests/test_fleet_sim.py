@@ -1,0 +1,36 @@
+"""`fedbot sim`, the README's main job, end to end with tiny settings: real coordinator, real agents,
+real SuperLink and SuperNodes; every robot ends up running the final global model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from agent.inbox import sha256_file
+from coordinator.superlink import BIN
+
+
+def test_fleet_dry_run(tmp_path):
+    command = [str(BIN / "fedbot"), "sim", "--robots", "2", "--episodes", "2", "--rounds", "1", "--local-steps", "2",
+               "--policy-episodes", "1", "--eval-episodes", "1", "--out", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "fleet summary" in result.stdout
+
+    (run_dir,) = tmp_path.iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (federation,) = (run_dir / "federation").iterdir()
+    registry = json.loads((federation / "registry.json").read_text())
+    final = federation / "global_model" / "round_1"
+    assert (final / "manifest.json").is_file() and (federation / "metrics.png").is_file()
+    final_sha = sha256_file(final / "model.safetensors")
+    assert [r["robot"] for r in summary["robots"]] == ["robot0", "robot1"]
+    for row in summary["robots"]:
+        assert row["episodes"] == 2 and row["rounds-joined"] == 1 and row["policy-episodes"] == 1
+        assert row["live-model-sha256"] == final_sha  # the deployed global model, checked and live
+        assert 0.0 <= row["success-after"] <= 1.0
+        robot = run_dir / "robots" / row["robot"]
+        assert "state: recording -> idle" in (robot / "agent.log").read_text()
+        assert "federating" in (robot / "agent.log").read_text()
+    assert registry["latest"] == 1 and registry["models"][-1]["sha256"] == final_sha
+    assert list((federation / "evaluate" / "round_1" / "server").glob("rollout_*.mp4"))
