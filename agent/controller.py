@@ -149,10 +149,11 @@ class ControlLoop:
         while not self._stop.is_set():
             deadline += self.period
             now = time.perf_counter()
-            if now > deadline:  # the previous tick overran a whole period: count and re-anchor
-                self.missed += int((now - deadline) / self.period) + 1
-                deadline = now
-            else:
+            if now - deadline >= self.period:  # a whole period slipped: those ticks are missed
+                missed = int((now - deadline) / self.period)
+                self.missed += missed
+                deadline += missed * self.period
+            if now < deadline:
                 precise_sleep(deadline - now)
             self._starts.append(time.perf_counter())
             self.last_tick = time.monotonic()

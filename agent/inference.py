@@ -31,7 +31,7 @@ class ChunkedInference:
         self.period = period
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._loaded: LoadedPolicy | None = None
-        self._generation = 0  # bumped when the policy changes; older chunks are discarded
+        self._generation = 0  # bumped at a new episode; chunks of older generations are discarded
         self._history: deque[dict] = deque()
         self._queue: deque[tuple[int, np.ndarray]] = deque()  # (tick, action)
         self._future: Future | None = None
@@ -46,18 +46,14 @@ class ChunkedInference:
     def policy(self) -> LoadedPolicy | None:
         return self._loaded
 
-    def set_policy(self, loaded: LoadedPolicy | None) -> None:
-        """Use `loaded` for the next chunks. Queued actions of the previous policy are still executed
-        until the new policy's first chunk is ready, so a swap never makes the robot stop."""
+    def set_policy(self, loaded: LoadedPolicy) -> None:
+        """Use `loaded` for the next chunks. Queued actions and a chunk in flight from the previous
+        policy are still executed until the new policy's first chunk is ready, so that a swap never
+        leaves the robot without an action."""
         with self._lock:
-            self._generation += 1
             self._loaded = loaded
-            self._future = None
-            if loaded is not None:
-                loaded.reset()
-                self._history = deque(self._history, maxlen=loaded.policy.config.n_obs_steps)
-            else:
-                self._queue.clear()
+            loaded.reset()
+            self._history = deque(self._history, maxlen=loaded.policy.config.n_obs_steps)
 
     def reset(self) -> None:
         """A new episode: forget observations and queued actions."""

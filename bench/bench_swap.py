@@ -89,7 +89,7 @@ def main() -> None:
         agent.control.wait_ticks(int(args.rate) * 5, timeout=60)  # settle for 5 s
         control = agent.control
         rss_before, missed_before = rss_mb(), control.missed
-        ticks_before, actions_before = control.ticks, control.actions
+        ticks_before, actions_before, starved_before = control.ticks, control.actions, control.inference.starved
         started = time.monotonic()
         latencies = []
         for i in range(1, args.swaps + 1):
@@ -98,7 +98,7 @@ def main() -> None:
         timing = agent.control.timing()
         rss_after = rss_mb()
         missed, ticks = control.missed - missed_before, control.ticks - ticks_before
-        actions = control.actions - actions_before
+        actions, starved = control.actions - actions_before, control.inference.starved - starved_before
     finally:
         agent.stop()
         agent.close()
@@ -112,7 +112,7 @@ def main() -> None:
         ("missed ticks", str(missed)),
         ("tick jitter p50 / p99 / max (last 3000 ticks)",
          f"{timing['jitter-ms-p50']:.2f} / {timing['jitter-ms-p99']:.2f} / {timing['jitter-ms-max']:.2f} ms"),
-        ("ticks without an action ready (starved), late chunks", f"{timing['starved-ticks']}, {timing['late-chunks']}"),
+        ("ticks without an action ready (starved); late chunks (whole run)", f"{starved}; {timing['late-chunks']}"),
         ("chunk inference (decaying max)", f"{timing['inference-ms']:.0f} ms"),
         ("swap latency p50 / p99 / max",
          f"{statistics.median(latencies):.0f} / {np.percentile(latencies, 99):.0f} / {max(latencies):.0f} ms"),
