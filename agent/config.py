@@ -73,9 +73,7 @@ class IdleSection:
 class ControlSection:
     rate_hz: float = 10.0
     device: str | None = None  # torch device for the live policy; default cuda if available
-    # CPU threads for the policy. One keeps the other cores for the SuperNode's training and leaves no
-    # idle OpenMP workers spinning against the control thread; on 2 cores that spinning slowed a
-    # 30 Hz loop to a fifth of its rate.
+    # torch CPU threads for the policy (agent/controller.py: more threads spin against the loop).
     inference_threads: int = 1
 
 

@@ -22,7 +22,6 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import torch
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
@@ -48,10 +47,9 @@ SWAP_TIMEOUT = 60.0
 class Agent:
     def __init__(self, config: AgentConfig):
         self.config = config
-        torch.set_num_threads(config.control.inference_threads)
         self.state = IDLE
         self.robot = make_robot(config.robot.type, config.robot_id)
-        self.control = ControlLoop(self.robot, config.control.rate_hz)
+        self.control = ControlLoop(self.robot, config.control.rate_hz, config.control.inference_threads)
         self.models = ModelStore(config.model_dir, config.checks.keep_models)
         self.rules = CheckRules(config.checks.sim_gate_episodes, config.checks.sim_gate_tolerance,
                                 config.control.device)
@@ -190,6 +188,8 @@ class Agent:
         with self._lock:
             if self.state == RECORDING:
                 raise RuntimeError("the robot is recording; wait for the session to end")
+            if not self.control.has_policy:
+                raise RuntimeError("no live model yet: nothing to run")
             self._leave_federation("running the policy preempts federating")
             episode_run = self.control.run(episodes, seed)
             self._enter(RUNNING, "policy runs" + (f" for {episodes} episodes" if episodes else ""))

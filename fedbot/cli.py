@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--episodes", type=_positive, default=8, help="demonstrations each robot records")
     sim.add_argument("--rounds", type=_positive, default=2, help="federated rounds")
     sim.add_argument("--local-steps", type=_positive, default=100, help="training steps per robot per round")
-    sim.add_argument("--policy-episodes", type=_positive, default=3,
-                     help="episodes each robot runs with the deployed model at the end")
+    sim.add_argument("--policy-episodes", type=_non_negative, default=3,
+                     help="episodes each robot runs with the deployed model at the end (0: none)")
     sim.add_argument("--eval-episodes", type=_positive, default=2, help="server-side evaluation episodes per round")
     sim.add_argument("--out", type=Path, default=Path("outputs"), help="parent of the run directory")
     return parser

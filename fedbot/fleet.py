@@ -178,7 +178,8 @@ def run_fleet(settings: FleetSettings, console: Console) -> dict:
         console.print(f"robots idle: they join the federation for {settings.rounds} rounds")
         fleet.wait_for_deployment()
         console.print(f"final global model live on every robot; {settings.policy_episodes} policy episodes each")
-        after = fleet.on_each_robot("run", episodes=settings.policy_episodes, seed=EVAL_SEED_START)
+        after = (fleet.on_each_robot("run", episodes=settings.policy_episodes, seed=EVAL_SEED_START)
+                 if settings.policy_episodes else [None] * settings.robots)
         statuses = fleet.on_each_robot("status")
     finally:
         fleet.close()
@@ -188,7 +189,8 @@ def run_fleet(settings: FleetSettings, console: Console) -> dict:
             "robot": f"robot{i}", "episodes": status["episodes"], "rounds-joined": status["rounds-joined"],
             "live-model": status["live-model"]["name"], "live-model-sha256": status["live-model"]["sha256"],
             "success-before": None,  # every robot of a dry run starts fresh, without a model
-            "success-after": run["success-rate"], "policy-episodes": run["episodes"],
+            "success-after": None if run is None else run["success-rate"],
+            "policy-episodes": 0 if run is None else run["episodes"],
             "missed-ticks": status["control"]["missed"],
         })
     write_json_atomic(fleet.run_dir / "summary.json", summary)
@@ -202,6 +204,7 @@ def summary_table(summary: dict) -> Table:
     for column in ("robot", "episodes", "rounds joined", "live model", "success before", "success after"):
         table.add_column(column, no_wrap=column == "live model")
     for row in summary["robots"]:
+        after = "not run" if row["success-after"] is None else f"{row['success-after']:.0%} of {row['policy-episodes']}"
         table.add_row(row["robot"], str(row["episodes"]), str(row["rounds-joined"]), row["live-model"], "no model",
-                      f"{row['success-after']:.0%} of {row['policy-episodes']}")
+                      after)
     return table

@@ -4,6 +4,7 @@ ticks while it runs, holds when the policy fails, and keeps ticking while paused
 from __future__ import annotations
 
 import pytest
+import torch
 
 from agent.controller import HOLD, ControlLoop
 from fedbot.policy_io import load_policy
@@ -14,11 +15,13 @@ from hardware.pusht_sim import PushTSim, PushTSimConfig
 def sim_loop():
     robot = PushTSim(PushTSimConfig(id="control", max_episode_steps=25))
     robot.connect()
-    loop = ControlLoop(robot, rate_hz=50.0)
+    threads = torch.get_num_threads()
+    loop = ControlLoop(robot, rate_hz=50.0)  # sets torch to one thread, as in the agent
     loop.start()
     yield loop
     loop.close()
     robot.disconnect()
+    torch.set_num_threads(threads)
 
 
 def test_runs_policy_episodes_and_reports_them(sim_loop, untrained_policy):

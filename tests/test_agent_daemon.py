@@ -60,6 +60,17 @@ def test_bad_config_names_the_key_and_the_file(tmp_path):
     assert not (tmp_path / "data").exists()
 
 
+def test_unusable_data_dir_is_a_clear_error(tmp_path):
+    (tmp_path / "occupied").write_text("a file where the data directory should be")
+    config = tmp_path / "agent.toml"
+    config.write_text('robot-id = "r1"\ndata-dir = "occupied/data"\nsocket = "agent.sock"\n')
+    result = subprocess.run([str(BIN / "fedbot-agent"), "--config", str(config), "--sim"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2
+    assert "fedbot-agent: error:" in result.stderr and "occupied/data" in result.stderr
+    assert not (tmp_path / "agent.sock").exists()
+
+
 def test_agent_life(tmp_path, untrained_policy):
     write_config(tmp_path, superlink_port=free_port())  # nothing listens there: coordinator unreachable
     sock = tmp_path / "agent.sock"

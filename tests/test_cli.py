@@ -1,45 +1,53 @@
-"""The `fedbot` command line, run as real processes: record -> train -> eval, and bad input."""
+"""The `fedbot` command line through its main(): record -> train -> eval, and bad input. (The agent
+and fleet tests run the console scripts as real processes.)"""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
-FEDBOT = [sys.executable, "-m", "fedbot.cli"]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "SVT_LOG": "1"}
+
+def run_in_process(capsys, *args) -> tuple[int, str]:
+    """`fedbot ARGS` through its main() (what the console script calls): exit code and stderr."""
+    from fedbot.cli import main
+
+    try:
+        code = main([*map(str, args)])
+    except SystemExit as exit_:  # argparse's usage errors
+        code = exit_.code
+    return code, capsys.readouterr().err
 
 
-def fedbot(*args, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([*FEDBOT, *map(str, args)], capture_output=True, text=True, timeout=600,
-                          cwd=Path(__file__).resolve().parents[1], env=ENV)
-
-
-def test_record_train_eval(tmp_path):
+def test_record_train_eval(tmp_path, capsys):
     root, run, out = tmp_path / "robot0", tmp_path / "run", tmp_path / "eval"
-    rec = fedbot("record", "--sim", "--root", root, "--episodes", 2, "--style", "default", cwd=tmp_path)
-    assert rec.returncode == 0, rec.stdout + rec.stderr
+    code, err = run_in_process(capsys, "record", "--sim", "--root", root, "--episodes", 2, "--style", "default")
+    assert code == 0, err
     dataset = LeRobotDataset("fedbot/robot0", root=root)
     assert dataset.meta.total_episodes == 2  # the expert succeeds on these seeds
 
-    tr = fedbot("train", "--dataset", root, "--preset", "pusht-state", "--steps", 2, "--out", run, cwd=tmp_path)
-    assert tr.returncode == 0, tr.stdout + tr.stderr
+    code, err = run_in_process(capsys, "train", "--dataset", root, "--preset", "pusht-state", "--steps", 2,
+                               "--out", run)
+    assert code == 0, err
     policy = run / "checkpoints" / "last" / "pretrained_model"
     assert (policy / "model.safetensors").is_file()
 
-    ev = fedbot("eval", "--policy", policy, "--episodes", 1, "--videos", 0, "--out", out, cwd=tmp_path)
-    assert ev.returncode == 0, ev.stdout + ev.stderr
-    assert "success rate" in ev.stdout
+    from fedbot.cli import main
+
+    assert main(["eval", "--policy", str(policy), "--episodes", "1", "--videos", "0", "--out", str(out)]) == 0
+    assert "success rate" in capsys.readouterr().out
     assert json.loads((out / "eval.json").read_text())["episodes"][0]["seed"] == 100_000
 
 
-def test_bad_input_is_a_clear_error(tmp_path):
-    missing = fedbot("train", "--dataset", tmp_path / "nowhere", "--steps", 1, "--out", tmp_path / "r", cwd=tmp_path)
-    assert missing.returncode == 2 and "holds no LeRobot dataset" in missing.stderr
-    seeds = fedbot("record", "--sim", "--root", tmp_path / "d", "--episodes", 2, "--seed", 99_999, cwd=tmp_path)
-    assert seeds.returncode == 2 and "held out" in seeds.stderr
-    style = fedbot("record", "--sim", "--root", tmp_path / "d", "--episodes", 1, "--style", "sideways", cwd=tmp_path)
-    assert style.returncode == 2 and "invalid choice" in style.stderr
+def test_bad_input_is_a_clear_error(tmp_path, capsys):
+    code, err = run_in_process(capsys, "train", "--dataset", tmp_path / "nowhere", "--steps", 1,
+                               "--out", tmp_path / "r")
+    assert code == 2 and "holds no LeRobot dataset" in err
+    code, err = run_in_process(capsys, "record", "--sim", "--root", tmp_path / "d", "--episodes", 2, "--seed", 99_999)
+    assert code == 2 and "held out" in err
+    code, err = run_in_process(capsys, "record", "--sim", "--root", tmp_path / "d", "--episodes", 1,
+                               "--style", "sideways")
+    assert code == 2 and "invalid choice" in err
+    code, err = run_in_process(capsys, "record", "--root", tmp_path / "d", "--episodes", 1)
+    assert code == 2 and "needs both --sim and --root" in err
+    code, err = run_in_process(capsys, "status", "--socket", tmp_path / "no-agent.sock")
+    assert code == 2 and "no agent is listening" in err
     assert not (tmp_path / "d" / "meta" / "info.json").exists()
