@@ -81,8 +81,14 @@ def request(path: Path, command: str, timeout: float | None = None, **arguments)
             raise RuntimeError(f"no agent is listening on {path} (is fedbot-agent running?)") from None
         except PermissionError:
             raise RuntimeError(f"no permission to open {path} (join the agent's group)") from None
-        client.sendall(json.dumps({"command": command, **arguments}).encode() + b"\n")
-        reply = json.loads(client.makefile("rb").readline())
+        try:
+            client.sendall(json.dumps({"command": command, **arguments}).encode() + b"\n")
+            line = client.makefile("rb").readline()
+        except ConnectionError:
+            line = b""
+        if not line:
+            raise RuntimeError(f"the agent on {path} closed the connection without answering (did it stop?)")
+        reply = json.loads(line)
     if not reply.pop("ok", False):
         raise RuntimeError(reply.get("error", "the agent refused the request"))
     return reply

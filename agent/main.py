@@ -31,9 +31,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     service.configure_logging(args.verbose)
 
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, _frame: stop.set())
     agent = server = None
     try:
         config = load_config(args.config, sim=args.sim)
@@ -42,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
 
         agent = Agent(config)
         server = ControlServer(config.socket, agent.handle)
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, _frame: stop.set())
         server.start()
         agent.start()  # READY=1 once the robot is connected and the live model loaded
         log.info("control API on %s", config.socket)

@@ -8,13 +8,17 @@ import json
 import os
 import signal
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import pytest
 
 from helpers import deliver_model
 from processes import Followed, NotifySocket, free_port, group_alive, kill_group
 from test_agent_models import _flip_bytes, _nan, _truncate, _wrong_shape
 
 from agent.control_api import request
+from agent.main import main as agent_main
 from coordinator.superlink import BIN
 from fedbot.episode_store import committed_episodes
 
@@ -50,24 +54,21 @@ def fedbot(directory: Path, *args: str) -> str:
     return result.stdout
 
 
-def test_bad_config_names_the_key_and_the_file(tmp_path):
+def test_bad_config_names_the_key_and_the_file(tmp_path, capsys):
     config = tmp_path / "agent.toml"
     config.write_text('robot-id = "r1"\n[idle]\ncooldown = 3\n')
-    result = subprocess.run([str(BIN / "fedbot-agent"), "--config", str(config)], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 2
-    assert f"{config}: unknown key 'idle.cooldown'" in result.stderr
+    assert agent_main(["--config", str(config)]) == 2  # what the fedbot-agent console script runs
+    assert f"{config}: unknown key 'idle.cooldown'" in capsys.readouterr().err
     assert not (tmp_path / "data").exists()
 
 
-def test_unusable_data_dir_is_a_clear_error(tmp_path):
+def test_unusable_data_dir_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "occupied").write_text("a file where the data directory should be")
     config = tmp_path / "agent.toml"
     config.write_text('robot-id = "r1"\ndata-dir = "occupied/data"\nsocket = "agent.sock"\n')
-    result = subprocess.run([str(BIN / "fedbot-agent"), "--config", str(config), "--sim"], capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 2
-    assert "fedbot-agent: error:" in result.stderr and "occupied/data" in result.stderr
+    assert agent_main(["--config", str(config), "--sim"]) == 2
+    error = capsys.readouterr().err
+    assert "fedbot-agent: error:" in error and "occupied/data" in error
     assert not (tmp_path / "agent.sock").exists()
 
 
@@ -84,7 +85,7 @@ def test_agent_life(tmp_path, untrained_policy):
         assert (sock.stat().st_mode & 0o777) == 0o660
 
         # A teleop session on the daemon; then the robot is idle with new episodes and joins.
-        out = json.loads(fedbot(tmp_path, "record", "--episodes", "2"))
+        out = json.loads(fedbot(tmp_path, "record", "--episodes", "2"))  # the CLI, a real process
         assert out["episodes"] == out["kept"] == 2
         agent.wait_for(r"state: idle -> federating", timeout=60)
         status = request(sock, "status")
@@ -130,19 +131,19 @@ def test_agent_life(tmp_path, untrained_policy):
         assert not group_alive(old_supernode)  # the killed agent's SuperNode is gone
 
         # SIGKILL while recording: the committed episodes survive and recording continues.
-        recorder = subprocess.Popen([str(BIN / "fedbot"), "record", "--episodes", "3", "--socket", str(sock)],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        agent.wait_for(r"recorded scene \d+: kept", timeout=120)
-        os.kill(agent.process.pid, signal.SIGKILL)
-        agent.wait(timeout=60)
-        recorder.wait(timeout=60)
-        assert recorder.returncode != 0
+        with ThreadPoolExecutor(1) as pool:
+            recording = pool.submit(request, sock, "record", episodes=3)
+            agent.wait_for(r"recorded scene \d+: kept", timeout=120)
+            os.kill(agent.process.pid, signal.SIGKILL)
+            agent.wait(timeout=60)
+            with pytest.raises(RuntimeError, match="without answering"):  # the agent died mid-session
+                recording.result(timeout=60)
         kept = committed_episodes(tmp_path / "data" / "dataset")
         assert kept >= 3
 
         agent = start_agent(tmp_path, notify.path, "agent3.log")
         notify.wait_for("READY", "1")
-        assert json.loads(fedbot(tmp_path, "record", "--episodes", "1"))["episodes"] == kept + 1
+        assert request(sock, "record", episodes=1)["episodes"] == kept + 1
 
         # SIGTERM: the SuperNode leaves, the agent says STOPPING and exits 0.
         agent.wait_for(r"state: idle -> federating", timeout=60)

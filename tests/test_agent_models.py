@@ -110,3 +110,20 @@ def test_models_being_written_are_not_pending(untrained_policy, tmp_path):
     store = ModelStore(tmp_path / "models", keep=3)
     (store.inbox / ".incoming-round_0009-abc").mkdir()
     assert store.pending() == []
+
+
+def test_sim_gate_compares_with_the_live_model(untrained_policy, tmp_path):
+    """A negative tolerance demands that a candidate beat the live model: two equal untrained
+    policies then fail the gate, with the reason; a gate with no live model passes."""
+    from agent.config import AgentConfig, ChecksSection
+    from agent.daemon import Agent
+    from fedbot.policy_io import load_policy
+
+    config = AgentConfig(robot_id="gate", data_dir=tmp_path / "agent", socket=tmp_path / "agent.sock",
+                         checks=ChecksSection(sim_gate_episodes=1, sim_gate_tolerance=-0.5))
+    agent = Agent(config)
+    first = agent.models.accept(deliver_model(untrained_policy, agent.models.inbox, "first"))
+    agent._sim_gate("first", load_policy(first, "cpu"))  # nothing live yet: passes
+    agent.models.went_live(first)
+    with pytest.raises(ModelRejected, match=r"sim gate: success 0% on 1 scenes, the live model has 0%"):
+        agent._sim_gate("second", load_policy(untrained_policy, "cpu"))

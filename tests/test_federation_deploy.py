@@ -98,7 +98,7 @@ def test_production_run_survives_a_dead_robot_and_a_dead_coordinator(lab, tmp_pa
     make_server_certificate(tls, ["127.0.0.1"])
     keys = {name: ensure_robot_key(tls, name) for name in ("robot0", "robot1", "robot2", "stranger")}
     secure = ["--tls", str(tls), "--auth", "--register", *(str(keys[f"robot{i}"]) for i in range(3))]
-    run_config = TINY_RUN + " strategy='fedadam'"
+    run_config = TINY_RUN + " strategy='fedadam' fraction-evaluate=0.0"  # robot evaluation: test_federation_sim
     coordinator = lab.coordinator(*secure, run_config=run_config + " min-nodes=3")
     up = coordinator.wait_for(r"SuperLink up .* \(TLS \+ robot auth\), pid (\d+)", timeout=300)
     coordinator.wait_for(r"ready: robots can join", timeout=300)  # their keys are registered now
