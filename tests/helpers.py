@@ -66,3 +66,36 @@ def deliver_model(policy_dir: Path, inbox: Path, name: str, round_number: int = 
         edit(staging)
     os.rename(staging, inbox / name)
     return inbox / name
+
+
+def assert_replies_hold_no_data(run_dir: Path, dataset_root: Path, evaluation: bool) -> None:
+    """Every reply, as the coordinator received it (replies.jsonl), holds only weights, summaries
+    and metrics: never observations or actions. `evaluation`: robots were asked to evaluate."""
+    import json
+
+    from fedbot.presets import get_preset
+    from fedbot.training import new_policy, open_dataset
+
+    dataset = open_dataset(dataset_root)
+    policy = new_policy(get_preset("pusht-state"), dataset, device="cpu").policy
+    params = {name: list(p.shape) for name, p in policy.named_parameters() if p.requires_grad}
+    kinds = {}
+    for line in (run_dir / "replies.jsonl").read_text().splitlines():
+        reply = json.loads(line)
+        what, content = reply["what"].split(" ")[-1], reply["content"]
+        kinds.setdefault(what, set()).add(tuple(sorted(content)))
+        for name, record in content.items():
+            if record["kind"] == "arrays" and name == "arrays":
+                assert {k: a["shape"] for k, a in record["arrays"].items()} == params
+            elif record["kind"] == "arrays":
+                assert name == "stats"
+                for key, array in record["arrays"].items():
+                    feature, stat = key.split("::")
+                    assert stat in ("count", "mean", "std", "min", "max")
+                    shape = dataset.meta.features[feature]["shape"]
+                    assert array["shape"] == ([1] if stat == "count" else list(shape))
+            else:
+                assert record["kind"] in ("MetricRecord", "ConfigRecord")
+                assert set(record["values"].values()) <= {"int", "float", "str"}
+    expected = {"statistics": {("info", "stats")}, "training": {("arrays", "metrics")}, "deploy": {("deployed",)}}
+    assert kinds == ({**expected, "evaluation": {("metrics",)}} if evaluation else expected)

@@ -19,9 +19,7 @@ import pytest
 
 from agent.supernode import SuperNodeSettings
 from coordinator.credentials import ensure_robot_key, make_server_certificate
-from fedbot.presets import get_preset
-from fedbot.training import new_policy, open_dataset
-from helpers import record_wander
+from helpers import assert_replies_hold_no_data, record_wander
 from processes import Followed, free_port, group_alive
 
 BIN = Path(sys.executable).parent
@@ -133,31 +131,4 @@ def test_production_run_survives_a_dead_robot_and_a_dead_coordinator(lab, tmp_pa
         (deployed,) = (tmp_path / f"robot{i}-inbox").iterdir()
         assert json.loads((deployed / "manifest.json").read_text())["sha256"] == registry["models"][-1]["sha256"]
     assert all(r.process.poll() is None for r in robots[:2])  # the robots rode out the restart
-    assert_replies_hold_no_data(run_dir, fleet)
-
-
-def assert_replies_hold_no_data(run_dir: Path, fleet: Path) -> None:
-    """Every reply, as the coordinator received it, holds only weights, summaries and metrics."""
-    dataset = open_dataset(fleet / "robot0")
-    policy = new_policy(get_preset("pusht-state"), dataset, device="cpu").policy
-    params = {name: list(p.shape) for name, p in policy.named_parameters() if p.requires_grad}
-    kinds = {}
-    for line in (run_dir / "replies.jsonl").read_text().splitlines():
-        reply = json.loads(line)
-        what, content = reply["what"].split(" ")[-1], reply["content"]
-        kinds.setdefault(what, set()).add(tuple(sorted(content)))
-        for name, record in content.items():
-            if record["kind"] == "arrays" and name == "arrays":
-                assert {k: a["shape"] for k, a in record["arrays"].items()} == params
-            elif record["kind"] == "arrays":
-                assert name == "stats"
-                for key, array in record["arrays"].items():
-                    feature, stat = key.split("::")
-                    assert stat in ("count", "mean", "std", "min", "max")
-                    shape = dataset.meta.features[feature]["shape"]
-                    assert array["shape"] == ([1] if stat == "count" else list(shape))
-            else:
-                assert record["kind"] in ("MetricRecord", "ConfigRecord")
-                assert set(record["values"].values()) <= {"int", "float", "str"}
-    assert kinds == {"statistics": {("info", "stats")}, "training": {("arrays", "metrics")},
-                     "evaluation": {("metrics",)}, "deploy": {("deployed",)}}
+    assert_replies_hold_no_data(run_dir, fleet / "robot0", evaluation=False)

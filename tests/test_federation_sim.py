@@ -13,7 +13,7 @@ import pytest
 
 from agent.inbox import sha256_file
 from fedbot.policy_io import load_policy
-from helpers import record_wander
+from helpers import assert_replies_hold_no_data, record_wander
 from processes import free_port
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -91,3 +91,4 @@ def test_two_robots_federate_evaluate_and_receive_the_model(tmp_path, superlink)
         assert manifest["sha256"] == final["sha256"] == sha256_file(deployed / "model.safetensors")
         load_policy(deployed, device="cpu")
         assert list((fleet / f"robot{robot}-outputs" / "evaluate" / "round_2").glob("rollout_*.mp4"))
+    assert_replies_hold_no_data(run_dir, fleet / "robot0", evaluation=True)
