@@ -18,7 +18,6 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,10 +29,10 @@ from rich.console import Console
 from rich.table import Table
 
 from agent.control_api import request
+from agent.supernode import BIN
 from fedbot.evaluation import write_json_atomic
 from fedbot.recording import EVAL_SEED_START
 
-BIN = Path(sys.executable).parent
 STARTUP_TIMEOUT = 300.0
 DEPLOY_TIMEOUT = 300.0
 ROUND_LINE = re.compile(r"round \d+: (training on|\{)|run ended|Traceback|error", re.IGNORECASE)
