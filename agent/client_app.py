@@ -55,7 +55,7 @@ def dataset_stats(msg: Message, context: Context) -> Message:
     """Summary statistics and feature shapes of the policy's inputs and actions in this robot's data."""
     run, node = _settings(context)
     meta = _metadata(node)
-    keys = [*get_preset(run.preset).input_keys, ACTION_KEY]
+    keys = [*get_preset(run.preset).inputs(meta.features), ACTION_KEY]
     features = {key: meta.features[key] for key in keys}
     info = ConfigRecord({"features": json.dumps(features), "frames": meta.total_frames,
                          "episodes": meta.total_episodes, "robot": node.name})

@@ -7,10 +7,27 @@ Example (every key but robot-id has a default):
     socket = "/run/fedbot/agent.sock"     # the local control API (`fedbot status`, ...)
 
     [robot]                               # the hardware the agent owns
-    type = "pusht_sim"
+    type = "pusht_sim"                    # pusht_sim | so100_follower | so101_follower
     [teleop]                              # who demonstrates in `fedbot record`
-    type = "pusht_expert"                 # pusht_expert | pusht_mouse
+    type = "pusht_expert"                 # pusht_expert | pusht_mouse | so100_leader | so101_leader
     style = "default"
+
+An SO-100/SO-101 arm (README, "Bringing up a real arm"):
+
+    [robot]
+    type = "so101_follower"
+    port = "/dev/serial/by-id/usb-1a86_USB_Single_Serial_5A46081234-if00"
+    calibration-dir = "/var/lib/fedbot/calibration"   # <robot-id>.json, made by lerobot-calibrate
+    max-relative-target = 10.0            # degrees per action (gripper: percent)
+    episode-seconds = 20.0
+    [robot.cameras.front]
+    index-or-path = "/dev/video0"         # a device index, a device path or a video file
+    width = 640
+    height = 480
+    fps = 30
+    [teleop]
+    type = "so101_leader"
+    port = "/dev/serial/by-id/usb-1a86_USB_Single_Serial_5A46085678-if00"
     [coordinator]                         # the lab's SuperLink
     superlink = "lab-server:9092"
     root-certificates = "/etc/fedbot/tls/ca.crt"   # omit for an insecure (development) SuperLink
@@ -36,14 +53,23 @@ from pathlib import Path
 
 from fedbot.recording import DEFAULT_TASK
 from fedbot.typed_config import ConfigError, from_mapping
+from hardware.cameras import CameraSettings
+from hardware.so_arm import FOLLOWER_TYPES, JOINTS, LEADER_TYPES, TORQUE_OFF_ORDER
 
-ROBOT_TYPES = ("pusht_sim",)
-TELEOP_TYPES = ("pusht_expert", "pusht_mouse")
+ROBOT_TYPES = ("pusht_sim", *FOLLOWER_TYPES)
+TELEOP_TYPES = ("pusht_expert", "pusht_mouse", *LEADER_TYPES)
 
 
 @dataclass(frozen=True)
 class RobotSection:
     type: str = "pusht_sim"
+    # SO arms only (hardware/so_arm.py); the calibration file is <calibration-dir>/<robot-id>.json
+    port: str | None = None
+    calibration_dir: Path | None = None  # default: <data-dir>/calibration
+    max_relative_target: float = 10.0
+    torque_off_order: list[str] = field(default_factory=lambda: list(TORQUE_OFF_ORDER))
+    episode_seconds: float = 20.0
+    cameras: dict[str, CameraSettings] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -51,6 +77,9 @@ class TeleopSection:
     type: str = "pusht_expert"
     style: str = "default"  # the scripted operator's style (hardware/pusht_expert.py STYLES)
     task: str = DEFAULT_TASK
+    # SO leader arms only; the calibration file is <calibration-dir>/<robot-id>-leader.json
+    port: str | None = None
+    calibration_dir: Path | None = None  # default: the robot's
 
 
 @dataclass(frozen=True)
@@ -105,6 +134,27 @@ class AgentConfig:
         return self.data_dir / "models"
 
     @property
+    def calibration_dir(self) -> Path:
+        return self.robot.calibration_dir or self.data_dir / "calibration"
+
+    def robot_settings(self) -> dict:
+        """Keyword settings for hardware.factory.make_robot."""
+        if self.robot.type == "pusht_sim":
+            return {}
+        robot = self.robot
+        return {"port": robot.port, "calibration_dir": self.calibration_dir, "fps": round(self.control.rate_hz),
+                "max_relative_target": robot.max_relative_target, "torque_off_order": tuple(robot.torque_off_order),
+                "episode_seconds": robot.episode_seconds, "cameras": robot.cameras}
+
+    def teleop_settings(self) -> dict:
+        """Keyword settings for hardware.factory.make_teleop."""
+        teleop = self.teleop
+        if teleop.type in LEADER_TYPES:
+            return {"id": f"{self.robot_id}-leader", "port": teleop.port,
+                    "calibration_dir": teleop.calibration_dir or self.calibration_dir}
+        return {"style": teleop.style}
+
+    @property
     def federation_dir(self) -> Path:
         """The ClientApp's outputs (evaluation videos, rounds.jsonl) and the SuperNode's log."""
         return self.data_dir / "federation"
@@ -130,13 +180,19 @@ def load_config(path: Path, sim: bool = False) -> AgentConfig:
 
 def _relative_to(config: AgentConfig, base: Path) -> AgentConfig:
     """Relative paths in the file are relative to the file's directory."""
-    coordinator = config.coordinator
+    def rel(path):
+        return None if path is None else base / path
+
+    coordinator, robot, teleop = config.coordinator, config.robot, config.teleop
+    cameras = {name: camera if not isinstance(camera.index_or_path, str)
+               else replace(camera, index_or_path=str(base / camera.index_or_path))
+               for name, camera in robot.cameras.items()}
     return replace(
         config, data_dir=base / config.data_dir, socket=base / config.socket,
-        coordinator=replace(
-            coordinator,
-            root_certificates=None if coordinator.root_certificates is None else base / coordinator.root_certificates,
-            auth_key=None if coordinator.auth_key is None else base / coordinator.auth_key),
+        coordinator=replace(coordinator, root_certificates=rel(coordinator.root_certificates),
+                            auth_key=rel(coordinator.auth_key)),
+        robot=replace(robot, calibration_dir=rel(robot.calibration_dir), cameras=cameras),
+        teleop=replace(teleop, calibration_dir=rel(teleop.calibration_dir)),
     )
 
 
@@ -152,8 +208,12 @@ def _validate(config: AgentConfig, source: str) -> None:
         raise bad("robot.type", f"must be one of {ROBOT_TYPES}, got {config.robot.type!r}")
     if config.teleop.type not in TELEOP_TYPES:
         raise bad("teleop.type", f"must be one of {TELEOP_TYPES}, got {config.teleop.type!r}")
-    if config.teleop.style not in STYLES:
+    if config.teleop.type == "pusht_expert" and config.teleop.style not in STYLES:
         raise bad("teleop.style", f"must be one of {sorted(STYLES)}, got {config.teleop.style!r}")
+    if config.robot.type in FOLLOWER_TYPES:
+        _validate_arm(config, bad)
+    if config.teleop.type in LEADER_TYPES and not config.teleop.port:
+        raise bad("teleop.port", f"is needed for a {config.teleop.type} (its serial device)")
     if len(config.idle.hours) != 2 or not all(0 <= hour <= 24 for hour in config.idle.hours):
         raise bad("idle.hours", f"must be [start, end] with hours in 0..24, got {config.idle.hours!r}")
     if config.control.rate_hz <= 0:
@@ -170,3 +230,18 @@ def _validate(config: AgentConfig, source: str) -> None:
                        ("coordinator.auth-key", config.coordinator.auth_key)):
         if value is not None and not value.is_file():
             raise bad(key, f"names {value}, which does not exist")
+
+
+def _validate_arm(config: AgentConfig, bad) -> None:
+    robot = config.robot
+    if not robot.port:
+        raise bad("robot.port", f"is needed for a {robot.type} (its serial device)")
+    if robot.max_relative_target <= 0:
+        raise bad("robot.max-relative-target", "must be > 0")
+    if robot.episode_seconds <= 0:
+        raise bad("robot.episode-seconds", "must be > 0")
+    if sorted(robot.torque_off_order) != sorted(JOINTS):
+        raise bad("robot.torque-off-order", f"must name each joint once: {list(JOINTS)}")
+    for name, camera in robot.cameras.items():
+        if min(camera.width, camera.height, camera.fps) <= 0:
+            raise bad(f"robot.cameras.{name}", "width, height and fps must be > 0")

@@ -6,7 +6,10 @@ computes the policy's action chunks off the control thread). New policies are ha
 The loop keeps ticking while it holds or while recording owns the robot (`pause`), so that tick
 timing is always measured and the systemd watchdog sees a healthy loop.
 
-Holding means sending nothing: the PushT sim then stands still and servo arms keep their last goal.
+Holding means sending nothing: the PushT sim then stands still. A robot with `hold()` (an arm) is
+also told to stop where it is whenever the policy fails or has no action ready for a tick (its
+chunk is late), so it never coasts on to the last goal it was sent. A robot whose port or camera
+fails (`HardwareFault`) ends the run; the agent reconnects it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from lerobot.utils.robot_utils import precise_sleep
 
 from agent.inference import ChunkedInference
 from fedbot.policy_io import LoadedPolicy
+from hardware.errors import HardwareFault
 
 log = logging.getLogger("fedbot.agent.control")
 HOLD, RUN, PAUSED = "hold", "run", "paused"
@@ -60,7 +64,9 @@ class ControlLoop:
         self.inference = ChunkedInference(self.period)
         self.mode = HOLD
         self.live_name: str | None = None
-        self.error: str | None = None  # the last policy error (the loop then holds)
+        self.error: str | None = None  # the last policy or hardware error (the loop then holds)
+        self.holds = 0  # times the robot was told to hold where it is
+        self._holding = False
         self.ticks = 0
         self.missed = 0
         self.actions = 0  # actions sent to the robot
@@ -105,6 +111,7 @@ class ControlLoop:
             self._run = EpisodeRun(episodes, seed)
             self._start_episode()
             self.error = None
+            self._holding = False
             self.mode = RUN
             return self._run
 
@@ -150,7 +157,7 @@ class ControlLoop:
                 "jitter-ms-p50": round(float(np.percentile(jitter, 50)), 3),
                 "jitter-ms-p99": round(float(np.percentile(jitter, 99)), 3),
                 "jitter-ms-max": round(float(jitter.max()), 3),
-                "starved-ticks": self.inference.starved, "late-chunks": self.inference.late_chunks,
+                "starved-ticks": self.inference.starved, "holds": self.holds, "late-chunks": self.inference.late_chunks,
                 "inference-ms": round(self.inference.inference_seconds * 1e3, 1)}
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -180,21 +187,38 @@ class ControlLoop:
             return
         try:
             action, source = self.inference.step(self.ticks, self.robot.get_observation())
+            if action is None:  # the chunk is late: stop where we are until it comes
+                self._hold_robot()
+                return
+            if self._swapped is not None and source is self._swapped.loaded:
+                self._swapped.latency = time.monotonic() - self._swapped.landed_at
+                self._swapped.done.set()
+                self._swapped = None
+            self.robot.send_action(_robot_action(self.robot, action))
+            self._holding = False
+            self.actions += 1
+            if self._run is not None and hasattr(self.robot, "episode_status"):
+                self._judge_episode()
+        except HardwareFault as fault:
+            self.error = f"hardware fault: {fault}"
+            log.error("%s; the run ends", self.error)
+            self._end_run()
         except Exception as error:  # noqa: BLE001  a failing policy must not stop the loop: hold
             self.error = f"{type(error).__name__}: {error}"
             log.error("policy failed, holding: %s", self.error)
             self._end_run()
+            self._hold_robot()
+
+    def _hold_robot(self) -> None:
+        if self._holding or not hasattr(self.robot, "hold"):
             return
-        if action is None:
-            return
-        if self._swapped is not None and source is self._swapped.loaded:
-            self._swapped.latency = time.monotonic() - self._swapped.landed_at
-            self._swapped.done.set()
-            self._swapped = None
-        self.robot.send_action(_robot_action(self.robot, action))
-        self.actions += 1
-        if self._run is not None and hasattr(self.robot, "episode_status"):
-            self._judge_episode()
+        self._holding = True
+        self.holds += 1
+        try:
+            self.robot.hold()
+        except HardwareFault as fault:
+            self.error = f"hardware fault: {fault}"
+            self._end_run()
 
     def _install(self, ticket: SwapTicket) -> None:
         self._ticket = None
@@ -220,8 +244,8 @@ class ControlLoop:
         run = self._run
         run.results.append({"seed": run.seed + len(run.results), "success": status.success,
                             "coverage": status.coverage, "model": self.live_name})
-        log.info("policy episode %d: %s (coverage %.2f)", len(run.results),
-                 "success" if status.success else "failed", status.coverage)
+        outcome = {True: "success", False: "failed", None: "done (not judged)"}[status.success]
+        log.info("policy episode %d: %s (coverage %.2f)", len(run.results), outcome, status.coverage)
         if run.episodes is not None and len(run.results) >= run.episodes:
             self._end_run()
         else:

@@ -9,6 +9,10 @@ States, each transition logged and shown in `fedbot status` and systemd's STATUS
 
 Recording and running the policy preempt federating: the SuperNode gets SIGTERM and leaves. New
 models arriving in the inbox are checked and hot-swapped in any state (agent/models.py).
+
+A robot whose serial port or camera fails (`HardwareFault`) loses the episode in progress; the
+fault shows in `fedbot status` and the agent reconnects the robot once the device is back.
+Recording and policy runs are refused until then; federating does not need the robot and goes on.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
 from agent.config import AgentConfig
-from agent.controller import ControlLoop
+from agent.controller import RUN, ControlLoop
 from agent.federation import SuperNode, rounds_joined
 from agent.models import CheckRules, ModelRejected, ModelStore, check_model, read_manifest, sim_gate_success
 from agent.supernode import SuperNodeSettings
@@ -35,6 +39,7 @@ from fedbot.episode_store import committed_episodes
 from fedbot.evaluation import write_json_atomic
 from fedbot.policy_io import load_policy
 from fedbot.recording import EVAL_SEED_START, check_recording_seeds, open_store, record_episodes
+from hardware.errors import HardwareFault
 from hardware.factory import make_robot, make_teleop
 
 log = logging.getLogger("fedbot.agent")
@@ -42,13 +47,14 @@ IDLE, RECORDING, RUNNING, FEDERATING = "idle", "recording", "running-policy", "f
 SUPERVISE_PERIOD = 0.5  # seconds between checks of the SuperNode and the idle rules
 STABLE_SUPERNODE = 60.0  # a SuperNode up this long resets the restart back-off
 SWAP_TIMEOUT = 60.0
+RECONNECT_PERIOD = 1.0  # seconds between attempts to reconnect a robot whose device failed
 
 
 class Agent:
     def __init__(self, config: AgentConfig):
         self.config = config
         self.state = IDLE
-        self.robot = make_robot(config.robot.type, config.robot_id)
+        self.robot = make_robot(config.robot.type, config.robot_id, **config.robot_settings())
         self.control = ControlLoop(self.robot, config.control.rate_hz, config.control.inference_threads)
         self.models = ModelStore(config.model_dir, config.checks.keep_models)
         self.rules = CheckRules(config.checks.sim_gate_episodes, config.checks.sim_gate_tolerance,
@@ -67,6 +73,7 @@ class Agent:
         self._supernode_failures = 0
         self._supernode_started = 0.0
         self._next_supernode_start = 0.0
+        self._next_reconnect = 0.0
         self._landed: queue.Queue[tuple[str, float]] = queue.Queue()
         self._gate_scores: dict[str, float] = {}
         self._observer = Observer()
@@ -74,9 +81,12 @@ class Agent:
 
     # -- life cycle ---------------------------------------------------------------------------------
     def start(self) -> None:
-        """Connect the hardware, load the live model, start the loops; then tell systemd we are ready."""
+        """Connect the hardware, load the live model, start the loops (agent/main.py then says READY)."""
         self.config.dataset_root.parent.mkdir(parents=True, exist_ok=True)
-        self.robot.connect()
+        try:
+            self.robot.connect()
+        except HardwareFault as fault:
+            log.error("robot not connected (%s); trying again every %.0f s", fault, RECONNECT_PERIOD)
         self._load_live_model()
         # Python's cyclic garbage collector stops every thread while it walks all objects; with torch
         # and lerobot loaded a full pass took 260 ms (7 missed ticks at 30 Hz), triggered by loading a
@@ -92,9 +102,9 @@ class Agent:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
-        log.info("agent for robot %s up: %s robot connected, live model %s, control at %.1f Hz",
-                 self.config.robot_id, self.config.robot.type, self.control.live_name, self.config.control.rate_hz)
-        service.notify_ready(self.status_line())
+        log.info("agent for robot %s up: %s robot %s, live model %s, control at %.1f Hz", self.config.robot_id,
+                 self.config.robot.type, "connected" if self.robot.is_connected else "NOT connected",
+                 self.control.live_name, self.config.control.rate_hz)
 
     def close(self) -> None:
         service.notify_stopping()
@@ -105,7 +115,7 @@ class Agent:
         if self._observer.is_alive():
             self._observer.stop()
         self.control.close()
-        self.robot.disconnect()
+        self.robot.disconnect()  # an arm holds, then turns its torque off joint by joint
         log.info("agent stopped")
 
     def _load_live_model(self) -> None:
@@ -119,6 +129,20 @@ class Agent:
                 continue
             self.control.swap(loaded, live.name, time.monotonic())
             return
+
+    def _require_robot(self) -> None:
+        if not self.robot.is_connected:
+            raise RuntimeError(f"the robot is not connected ({getattr(self.robot, 'fault', None) or 'starting'}); "
+                               "the agent reconnects it when the device is back")
+
+    def _reconnect(self, now: float) -> None:
+        self._next_reconnect = now + RECONNECT_PERIOD
+        try:
+            self.robot.connect()
+        except HardwareFault:
+            return
+        log.info("robot reconnected")
+        service.notify_status(self.status_line())
 
     def _robot_features(self) -> dict[str, tuple]:
         return {**self.robot.observation_features, **self.robot.action_features}
@@ -140,6 +164,7 @@ class Agent:
         with self._lock:
             if self.state in (RECORDING, RUNNING):
                 raise RuntimeError(f"the robot is {self.state}; `fedbot stop` first")
+            self._require_robot()
             seed = self._next_seed()
             check_recording_seeds(seed, episodes)
             self._leave_federation("recording preempts federating")
@@ -148,6 +173,9 @@ class Agent:
             self.recording = {"episodes": episodes, "done": 0, "kept": 0}
         try:
             report = self._record(episodes, seed, task or self.config.teleop.task)
+        except HardwareFault as fault:
+            raise RuntimeError(f"hardware fault, the episode in progress was discarded "
+                               f"({self.recording['kept']} kept this session): {fault}") from None
         finally:
             self.control.resume()
             with self._lock:
@@ -157,7 +185,7 @@ class Agent:
         return {"attempted": report.attempted, "kept": report.kept, "episodes": report.total_episodes}
 
     def _record(self, episodes: int, seed: int, task: str):
-        teleop = make_teleop(self.config.teleop.type, self.config.teleop.style, seed)
+        teleop = make_teleop(self.config.teleop.type, seed, **self.config.teleop_settings())
         teleop.connect()
         if hasattr(teleop, "attach"):
             teleop.attach(self.robot)  # sim operators read the scene of the robot they operate
@@ -166,8 +194,9 @@ class Agent:
         def on_episode(scene: int, status) -> None:
             self._save_next_seed(scene + 1)
             self.recording["done"] += 1
-            self.recording["kept"] += bool(status.success)
-            log.info("recorded scene %d: %s", scene, "kept" if status.success else "failed, not kept")
+            kept = status.success is not False
+            self.recording["kept"] += kept
+            log.info("recorded scene %d: %s", scene, "kept" if kept else "failed, not kept")
 
         try:
             return record_episodes(self.robot, teleop, store, episodes=episodes, seed_start=seed, task=task,
@@ -190,6 +219,7 @@ class Agent:
                 raise RuntimeError("the robot is recording; wait for the session to end")
             if not self.control.has_policy:
                 raise RuntimeError("no live model yet: nothing to run")
+            self._require_robot()
             self._leave_federation("running the policy preempts federating")
             episode_run = self.control.run(episodes, seed)
             self._enter(RUNNING, "policy runs" + (f" for {episodes} episodes" if episodes else ""))
@@ -198,18 +228,25 @@ class Agent:
         episode_run.finished.wait()
         with self._lock:
             results = episode_run.results
+            judged = [r["success"] for r in results if r["success"] is not None]  # a real bench judges none
             self.last_run = {"episodes": len(results), "seed-start": seed,
                              "models": sorted({r["model"] for r in results}),
-                             "success-rate": sum(r["success"] for r in results) / max(len(results), 1),
-                             "results": results}
+                             "success-rate": sum(judged) / len(judged) if judged else None,
+                             "error": self.control.error, "results": results}
             if self.state == RUNNING:
                 self._quiet_since = time.monotonic()
                 self._enter(IDLE, "policy episodes done")
         return self.last_run
 
     def stop(self) -> dict:
+        """Hold; an arm then turns its torque off joint by joint (the next run or recording turns it on)."""
         with self._lock:
             self.control.hold()
+            if hasattr(self.robot, "torque_off") and self.robot.is_connected:
+                try:
+                    self.robot.torque_off()
+                except HardwareFault as fault:
+                    log.error("torque off failed: %s", fault)
             if self.state == RUNNING:
                 self._quiet_since = time.monotonic()
                 self._enter(IDLE, "stopped")
@@ -307,6 +344,11 @@ class Agent:
         while not self._stopping.wait(SUPERVISE_PERIOD):
             with self._lock:
                 now = time.monotonic()
+                if not self.robot.is_connected and now >= self._next_reconnect:
+                    self._reconnect(now)
+                if self.state == RUNNING and self.control.mode != RUN:
+                    self._quiet_since = now
+                    self._enter(IDLE, f"the policy run ended: {self.control.error or 'stopped'}")
                 if self.state == FEDERATING and not self.supernode.alive():
                     code = self.supernode.exit_code()
                     self.supernode.stop()
@@ -336,7 +378,8 @@ class Agent:
 
     # -- reports ----------------------------------------------------------------------------------------
     def status_line(self) -> str:
-        return f"{self.state}; live model {self.control.live_name or 'none'}"
+        fault = getattr(self.robot, "fault", None) if not self.robot.is_connected else None
+        return f"{self.state}; live model {self.control.live_name or 'none'}" + (f"; FAULT {fault}" if fault else "")
 
     def status(self) -> dict:
         rounds = rounds_joined(self.config.federation_dir)
@@ -345,6 +388,8 @@ class Agent:
             "robot": self.config.robot_id, "state": self.state,
             "live-model": None if live is None else {"name": live.name, **_summary(read_manifest(live))},
             "episodes": committed_episodes(self.config.dataset_root),
+            "robot-connected": self.robot.is_connected,
+            "hardware-fault": None if self.robot.is_connected else getattr(self.robot, "fault", None),
             "recording": self.recording,
             "rounds-joined": len(rounds), "last-round": rounds[-1] if rounds else None,
             "federation": {"supernode-pid": self.supernode.process.pid if self.supernode.alive() else None,

@@ -42,9 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, _frame: stop.set())
-        server.start()
-        agent.start()  # READY=1 once the robot is connected and the live model loaded
+        agent.start()  # the robot connected (or being reconnected), the live model loaded, the loops up
+        server.start()  # then the control API: a client that reaches it finds a started agent
         log.info("control API on %s", config.socket)
+        service.notify_ready(agent.status_line())
         stop.wait()
         log.info("stopping")
     except (ValueError, RuntimeError, OSError) as error:

@@ -118,7 +118,7 @@ def _record(root: Path, episodes: int, operator_kind: str, style: str, seed: int
 
     check_recording_seeds(seed, episodes)  # before anything is created
     robot = make_robot("pusht_sim", root.name)
-    operator = make_teleop(operator_kind, style, seed)
+    operator = make_teleop(operator_kind, seed, style=style)
     robot.connect()
     operator.connect()
     operator.attach(robot)

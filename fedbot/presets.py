@@ -5,6 +5,8 @@ downloads weights), so a preset spells out every field instead of trusting defau
 
 - `pusht-image`: the Flower quickstart-lerobot configuration (image + agent state). A GPU job.
 - `pusht-state`: agent state + the T's keypoints, sized to learn on 2 CPU cores (see BENCHMARKS.md).
+- `so-arm-image`: an SO-100/SO-101 arm: its 6 joint positions and every camera it has
+  (`observation.images.*`), images resized to 96x128; a GPU job like pusht-image.
 """
 
 from __future__ import annotations
@@ -24,17 +26,29 @@ class Preset:
     """A named DiffusionConfig plus the training settings that go with it."""
 
     name: str
-    input_keys: tuple[str, ...]
+    input_keys: tuple[str, ...]  # dataset keys; "prefix.*" stands for every key under prefix (cameras)
     batch_size: int
     config: dict = field(repr=False)
+
+    def inputs(self, dataset_features: dict) -> list[str]:
+        """The dataset keys this preset feeds the policy, patterns resolved against `dataset_features`."""
+        keys = []
+        for pattern in self.input_keys:
+            if pattern.endswith(".*"):
+                matched = sorted(k for k in dataset_features if k.startswith(pattern[:-1]))
+                keys += matched or [pattern]
+            else:
+                keys.append(pattern)
+        return keys
 
     def make_config(self, dataset_features: dict[str, dict], device: str | None = None) -> DiffusionConfig:
         """The pinned DiffusionConfig with input/output features taken from a dataset's features."""
         features = dataset_to_policy_features(dataset_features)
-        missing = [k for k in (*self.input_keys, ACTION_KEY) if k not in features]
+        keys = self.inputs(dataset_features)
+        missing = [k for k in (*keys, ACTION_KEY) if k not in features]
         if missing:
             raise ValueError(f"preset {self.name!r} needs dataset features {missing}; the dataset has {sorted(features)}")
-        inputs = {k: features[k] for k in self.input_keys}
+        inputs = {k: features[k] for k in keys}
         outputs = {ACTION_KEY: PolicyFeature(type=FeatureType.ACTION, shape=features[ACTION_KEY].shape)}
         return DiffusionConfig(
             input_features=inputs,
@@ -114,6 +128,20 @@ PRESETS: dict[str, Preset] = {
             down_dims=(64, 128, 256),
             noise_scheduler_type="DDIM",
             num_inference_steps=10,  # 6 steps met the 50 ms target but lost coverage (BENCHMARKS.md)
+        ),
+    ),
+    "so-arm-image": Preset(
+        name="so-arm-image",
+        input_keys=(STATE_KEY, "observation.images.*"),
+        batch_size=32,
+        config=dict(
+            _COMMON,
+            resize_shape=(96, 128),
+            crop_ratio=0.875,
+            crop_shape=(84, 112),  # what lerobot derives from resize_shape and crop_ratio
+            down_dims=(128, 256, 512),
+            noise_scheduler_type="DDIM",
+            num_inference_steps=10,
         ),
     ),
 }

@@ -28,11 +28,12 @@ EVAL_SEED_START = 100_000
 def dataset_features(robot: Robot) -> dict[str, dict]:
     """LeRobot dataset features for a robot whose features are named by dataset key."""
     features = {}
+    names = getattr(robot, "feature_names", {})  # e.g. joint names of an arm's state and action
     for key, shape in {**robot.observation_features, **robot.action_features}.items():
         if len(shape) == 3:
             features[key] = {"dtype": "video", "shape": shape, "names": ["height", "width", "channels"]}
         else:
-            features[key] = {"dtype": "float32", "shape": shape, "names": None}
+            features[key] = {"dtype": "float32", "shape": shape, "names": names.get(key)}
     return features
 
 
@@ -90,20 +91,15 @@ def record_episodes(
         robot.reset(seed)
         operator.start_episode()
         dataset = store.begin_episode()
-        while True:
-            tick = time.perf_counter()
-            observation = robot.get_observation()
-            sent = robot.send_action(operator.get_action())
-            dataset.add_frame({**observation, **sent, "task": task})
-            status = robot.episode_status()
-            if status.done:
-                break
-            if realtime:
-                precise_sleep(max(0.0, period - (time.perf_counter() - tick)))
+        try:
+            status = _record_episode(robot, operator, dataset, task, period if realtime else None)
+        except BaseException:
+            store.discard_episode()  # a device fault or an interrupt: the attempt in progress is lost
+            raise
         report.attempted += 1
-        report.successes += status.success
+        report.successes += bool(status.success)
         report.coverages.append(status.coverage)
-        if status.success or keep_failed:
+        if status.success is not False or keep_failed:  # None: nobody judged it (a real bench)
             report.total_episodes = store.commit_episode()
             report.kept += 1
         else:
@@ -112,3 +108,17 @@ def record_episodes(
         if on_episode is not None:
             on_episode(seed, status)
     return report
+
+
+def _record_episode(robot: Robot, operator: Teleoperator, dataset, task: str, period: float | None):
+    """Drive the robot from the operator until the episode is done; every frame goes to `dataset`."""
+    while True:
+        tick = time.perf_counter()
+        observation = robot.get_observation()
+        sent = robot.send_action(operator.get_action())
+        dataset.add_frame({**observation, **sent, "task": task})
+        status = robot.episode_status()
+        if status.done:
+            return status
+        if period is not None:
+            precise_sleep(max(0.0, period - (time.perf_counter() - tick)))

@@ -52,6 +52,9 @@ def _convert(kind, value, source: str, key: str):
             return float(value)
         if option is Path and isinstance(value, str):
             return Path(value)
+        if typing.get_origin(option) is dict and isinstance(value, dict):
+            _, item = typing.get_args(option)
+            return {k: _convert(item, v, source, f"{key}.{k}") for k, v in value.items()}
         if typing.get_origin(option) is list and isinstance(value, list):
             (item,) = typing.get_args(option)
             return [_convert(item, v, source, f"{key}[{i}]") for i, v in enumerate(value)]

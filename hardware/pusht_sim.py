@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
-import gymnasium as gym
 import gym_pusht  # noqa: F401  (registers gym_pusht/PushT-v0)
+import gymnasium as gym
 import numpy as np
 from lerobot.robots.config import RobotConfig
 from lerobot.robots.robot import Robot
@@ -40,7 +40,7 @@ class EpisodeStatus:
     """What the bench shows after a step: is the task done, did it succeed, how far along it is."""
 
     done: bool
-    success: bool
+    success: bool | None  # None: nobody judged it (on a real bench the arm only counts time)
     coverage: float
 
 

@@ -1,0 +1,346 @@
+"""SO-100/SO-101 arms as fedbot robots: lerobot's SOFollower and SOLeader with the agent's safety rules.
+
+lerobot's classes do the motor work (Feetech bus, calibration files, `max_relative_target`); this
+module adds what a daemon driving a real arm needs on top:
+
+- Features named by dataset key, like the PushT sim: `observation.state` (6 joints),
+  `observation.images.<camera>`, `action` (6 joint targets), so recording and control code are the
+  same for every robot.
+- Calibration never prompts: lerobot asks on stdin whether to trust the file when the motors
+  disagree with it. The daemon writes the file to the motors (what pressing ENTER does) and, when
+  there is no file, raises `CalibrationMissing` with the `lerobot-calibrate` command to run.
+- Every action is clipped to the calibrated joint range, then limited to `max-relative-target`
+  from the present position (lerobot's `ensure_safe_goal_position`).
+- `hold()` makes the present position the goal; `torque_off()` disables torque joint by joint in a
+  defined order (by default from the gripper to the base), also on disconnect.
+- A serial port or camera that fails mid-session raises `HardwareFault`; the arm closes what is
+  left and can be connected again when the device returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import termios
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import serial
+from lerobot.robots.config import RobotConfig
+from lerobot.robots.robot import Robot
+from lerobot.robots.so_follower import SOFollower, SOFollowerRobotConfig
+from lerobot.teleoperators.config import TeleoperatorConfig
+from lerobot.teleoperators.so_leader import SOLeader, SOLeaderTeleopConfig
+from lerobot.teleoperators.teleoperator import Teleoperator
+
+from hardware.cameras import CameraSettings, make_camera
+from hardware.errors import CalibrationMissing, HardwareFault
+from hardware.pusht_sim import ACTION_KEY, STATE_KEY, EpisodeStatus
+
+log = logging.getLogger("fedbot.hardware")
+FOLLOWER_TYPES = ("so100_follower", "so101_follower")
+LEADER_TYPES = ("so100_leader", "so101_leader")
+JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper")
+# Distal joints first: the light wrist and gripper go limp before the shoulder lets the arm down.
+TORQUE_OFF_ORDER = ("gripper", "wrist_roll", "wrist_flex", "elbow_flex", "shoulder_lift", "shoulder_pan")
+MOTOR_NAMES = [f"{joint}.pos" for joint in JOINTS]
+# What a failing serial port or camera raises through lerobot (pyserial, its ioctls, the SDK, OpenCV's thread).
+DEVICE_ERRORS = (ConnectionError, OSError, serial.SerialException, termios.error, TimeoutError, RuntimeError)
+CONNECT_ATTEMPTS = 3  # a handshake ping can go unanswered once on a healthy bus
+
+
+def image_key(camera: str) -> str:
+    return f"observation.images.{camera}"
+
+
+def _require_calibration(device, kind: str, device_type: str, port: str) -> None:
+    """The daemon cannot calibrate (a person moves the joints through their range): name the command."""
+    if not device.calibration:
+        raise CalibrationMissing(
+            f"{device_type} {device.id!r} has no calibration file ({device.calibration_fpath}). Calibrate it once "
+            f"with the arm connected:\n  lerobot-calibrate --{kind}.type={device_type} --{kind}.port={port} "
+            f"--{kind}.id={device.id} --{kind}.calibration_dir={device.calibration_dir}")
+
+
+class _NoPromptCalibration:
+    """Replaces lerobot's interactive `calibrate`, which `connect` calls when the motors disagree with
+    the calibration file: the file wins, as when a person presses ENTER at lerobot's prompt."""
+
+    def calibrate(self) -> None:
+        log.info("writing calibration %s to the motors of %s", self.calibration_fpath, self.id)
+        with self.bus.torque_disabled():
+            self.bus.write_calibration(self.calibration)
+
+
+class _Follower(_NoPromptCalibration, SOFollower):
+    pass
+
+
+class _Leader(_NoPromptCalibration, SOLeader):
+    pass
+
+
+@contextmanager
+def _device_errors(device, what: str):
+    """Turn a failing port or camera into HardwareFault after closing what is left of the device."""
+    try:
+        yield
+    except HardwareFault:
+        raise
+    except DEVICE_ERRORS as error:
+        detail = str(error).strip().splitlines()
+        device.fault = f"{what}: {type(error).__name__}: {detail[0] if detail else ''}"
+        log.error("%s: %s", device.id, device.fault)
+        device.close_quietly()
+        raise HardwareFault(device.fault) from error
+
+
+@RobotConfig.register_subclass("fedbot_so_arm")
+@dataclass(kw_only=True)
+class SOArmConfig(RobotConfig):
+    arm_type: str = "so101_follower"
+    port: str = "/dev/ttyACM0"
+    fps: int = 30
+    max_relative_target: float = 10.0  # degrees per action (gripper: percent of its range)
+    torque_off_order: tuple[str, ...] = TORQUE_OFF_ORDER
+    episode_seconds: float = 20.0  # a recorded or policy episode on the bench
+    cameras: dict[str, CameraSettings] = field(default_factory=dict)
+
+
+class SOArm(Robot):
+    """A follower arm with its cameras (see the module docstring)."""
+
+    config_class = SOArmConfig
+    name = "so_arm"
+
+    def __init__(self, config: SOArmConfig):
+        super().__init__(config)
+        self.config = config
+        self.robot_type = config.arm_type
+        self.arm: _Follower | None = None
+        self.cameras = {}
+        self.fault: str | None = None
+        self.limits: tuple[np.ndarray, np.ndarray] | None = None
+        self._frames = 0
+
+    @cached_property
+    def observation_features(self) -> dict:
+        cameras = {image_key(name): (cam.height, cam.width, 3) for name, cam in self.config.cameras.items()}
+        return {STATE_KEY: (len(JOINTS),), **cameras}
+
+    @cached_property
+    def action_features(self) -> dict:
+        return {ACTION_KEY: (len(JOINTS),)}
+
+    @property
+    def feature_names(self) -> dict[str, list[str]]:
+        return {STATE_KEY: MOTOR_NAMES, ACTION_KEY: MOTOR_NAMES}
+
+    @property
+    def is_connected(self) -> bool:
+        return self.arm is not None
+
+    @property
+    def is_calibrated(self) -> bool:
+        return self.arm is not None and self.arm.is_calibrated
+
+    def connect(self, calibrate: bool = True) -> None:
+        """Open the port, check every motor, write the calibration, configure; then the cameras."""
+        _require_calibration(self, "robot", self.config.arm_type, self.config.port)
+        for attempt in range(1, CONNECT_ATTEMPTS + 1):
+            try:
+                self._connect_arm()
+                break
+            except HardwareFault:
+                if attempt == CONNECT_ATTEMPTS or not Path(self.config.port).exists():
+                    raise
+        for name, settings in self.config.cameras.items():
+            with _device_errors(self, f"camera {name} ({settings.index_or_path})"):
+                camera = make_camera(settings)
+                camera.connect()
+                self.cameras[name] = camera
+        log.info("%s connected on %s with %d cameras", self.id, self.config.port, len(self.cameras))
+
+    def _connect_arm(self) -> None:
+        self.fault = None
+        self.arm = _Follower(SOFollowerRobotConfig(
+            id=self.id, calibration_dir=self.calibration_dir, port=self.config.port,
+            max_relative_target=float(self.config.max_relative_target), disable_torque_on_disconnect=False))
+        with _device_errors(self, f"arm on {self.config.port}"):
+            if not Path(self.config.port).exists():
+                raise FileNotFoundError(f"{self.config.port} does not exist (unplugged?)")
+            self.arm.connect(calibrate=True)
+            self.limits = _joint_limits(self.arm)
+
+    def calibrate(self) -> None:
+        """Calibration is lerobot-calibrate's job (see `_NoPromptCalibration`)."""
+
+    def configure(self) -> None:
+        """lerobot's SOFollower configures the motors in `connect`."""
+
+    def get_observation(self) -> dict[str, np.ndarray]:
+        self._require_connected()
+        with _device_errors(self, f"arm on {self.config.port}"):
+            joints = self.arm.bus.sync_read("Present_Position", num_retry=self.arm.config.num_read_retries)
+        observation = {STATE_KEY: np.array([joints[j] for j in JOINTS], dtype=np.float32)}
+        for name, camera in self.cameras.items():
+            with _device_errors(self, f"camera {name}"):
+                observation[image_key(name)] = camera.read_latest()
+        return observation
+
+    def send_action(self, action: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._require_connected()
+        low, high = self.limits
+        target = np.clip(np.asarray(action[ACTION_KEY], dtype=np.float64).reshape(len(JOINTS)), low, high)
+        with _device_errors(self, f"arm on {self.config.port}"):
+            sent = self.arm.send_action({f"{j}.pos": float(v) for j, v in zip(JOINTS, target, strict=True)})
+        self._frames += 1
+        return {ACTION_KEY: np.array([sent[f"{j}.pos"] for j in JOINTS], dtype=np.float32)}
+
+    def hold(self) -> None:
+        """Stop where the arm is: the present position becomes the goal."""
+        self._require_connected()
+        with _device_errors(self, f"arm on {self.config.port}"):
+            present = self.arm.bus.sync_read("Present_Position", num_retry=self.arm.config.num_read_retries)
+            self.arm.bus.sync_write("Goal_Position", present)
+
+    def torque_off(self) -> None:
+        """Hold, then disable torque joint by joint in `torque_off_order`."""
+        self.hold()
+        with _device_errors(self, f"arm on {self.config.port}"):
+            for joint in self.config.torque_off_order:
+                self.arm.bus.disable_torque(joint, num_retry=2)
+        log.info("%s: torque off (%s)", self.id, ", ".join(self.config.torque_off_order))
+
+    def reset(self, seed: int) -> None:
+        """A new episode: the arm takes torque (if a stop turned it off) and the episode clock restarts."""
+        self._require_connected()
+        with _device_errors(self, f"arm on {self.config.port}"):
+            self.hold()
+            self.arm.bus.enable_torque(num_retry=2)
+        self._frames = 0
+
+    def episode_status(self) -> EpisodeStatus:
+        """On a bench an episode lasts `episode-seconds`; a person judges success, the arm does not."""
+        return EpisodeStatus(done=self._frames >= self.config.episode_seconds * self.config.fps, success=None,
+                             coverage=float("nan"))
+
+    def disconnect(self) -> None:
+        if self.arm is None:
+            return
+        try:
+            self.torque_off()
+        except HardwareFault:
+            return  # already closed
+        self.close_quietly()
+
+    def close_quietly(self) -> None:
+        """Close the port and cameras without talking to the motors (they may be gone)."""
+        for camera in self.cameras.values():
+            try:
+                camera.disconnect()
+            except Exception:  # noqa: BLE001  a camera that failed may refuse even this
+                pass
+        self.cameras = {}
+        if self.arm is not None:
+            try:
+                self.arm.bus.port_handler.closePort()
+            except Exception:  # noqa: BLE001
+                pass
+            self.arm = None
+
+    def _require_connected(self) -> None:
+        if self.arm is None:
+            raise HardwareFault(self.fault or f"{self.id} is not connected")
+
+
+def _joint_limits(arm: SOFollower) -> tuple[np.ndarray, np.ndarray]:
+    """The calibrated range of each joint in the units actions use (lerobot's normalisation)."""
+    low, high = [], []
+    for joint in JOINTS:
+        calibration = arm.bus.calibration[joint]
+        if joint == "gripper":  # MotorNormMode.RANGE_0_100
+            low.append(0.0)
+            high.append(100.0)
+            continue
+        middle = (calibration.range_min + calibration.range_max) / 2  # MotorNormMode.DEGREES
+        degrees_per_step = 360 / (arm.bus.model_resolution_table["sts3215"] - 1)
+        low.append((calibration.range_min - middle) * degrees_per_step)
+        high.append((calibration.range_max - middle) * degrees_per_step)
+    return np.array(low), np.array(high)
+
+
+@TeleoperatorConfig.register_subclass("fedbot_so_leader")
+@dataclass(kw_only=True)
+class SOLeaderArmConfig(TeleoperatorConfig):
+    arm_type: str = "so101_leader"
+    port: str = "/dev/ttyACM1"
+
+
+class SOLeaderArm(Teleoperator):
+    """A leader arm a person moves; its joint positions are the follower's action."""
+
+    config_class = SOLeaderArmConfig
+    name = "so_leader_arm"
+    realtime = True  # a person operates: recording runs at the robot's rate
+
+    def __init__(self, config: SOLeaderArmConfig):
+        super().__init__(config)
+        self.config = config
+        self.arm: _Leader | None = None
+        self.fault: str | None = None
+
+    @property
+    def action_features(self) -> dict:
+        return {ACTION_KEY: (len(JOINTS),)}
+
+    @property
+    def feedback_features(self) -> dict:
+        return {}
+
+    @property
+    def is_connected(self) -> bool:
+        return self.arm is not None
+
+    @property
+    def is_calibrated(self) -> bool:
+        return self.arm is not None and self.arm.is_calibrated
+
+    def connect(self, calibrate: bool = True) -> None:
+        _require_calibration(self, "teleop", self.config.arm_type, self.config.port)
+        self.arm = _Leader(SOLeaderTeleopConfig(id=self.id, calibration_dir=self.calibration_dir,
+                                                port=self.config.port))
+        with _device_errors(self, f"leader arm on {self.config.port}"):
+            self.arm.connect(calibrate=True)
+
+    def calibrate(self) -> None:
+        """Calibration is lerobot-calibrate's job (see `_NoPromptCalibration`)."""
+
+    def configure(self) -> None:
+        """lerobot's SOLeader configures the motors (torque off) in `connect`."""
+
+    def start_episode(self) -> None:
+        """Nothing to prepare: the person moves the leader."""
+
+    def get_action(self) -> dict[str, np.ndarray]:
+        if self.arm is None:
+            raise HardwareFault(self.fault or f"{self.id} is not connected")
+        with _device_errors(self, f"leader arm on {self.config.port}"):
+            joints = self.arm.get_action()
+        return {ACTION_KEY: np.array([joints[name] for name in MOTOR_NAMES], dtype=np.float32)}
+
+    def send_feedback(self, feedback: dict) -> None:
+        """The leader takes no feedback."""
+
+    def disconnect(self) -> None:
+        self.close_quietly()
+
+    def close_quietly(self) -> None:
+        if self.arm is not None:
+            try:
+                self.arm.bus.port_handler.closePort()
+            except Exception:  # noqa: BLE001
+                pass
+            self.arm = None

@@ -1,0 +1,46 @@
+"""A bench for SO arm tests: calibration files, a camera video, a hand that moves a leader arm."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from hardware.so_arm import JOINTS
+
+RANGE = (1000, 3000)  # calibrated range of every joint, in raw steps
+CAMERA = (48, 64)  # height, width of the test camera
+CAMERA_FPS = 30
+
+
+def write_calibration(directory: Path, device_id: str) -> Path:
+    """A lerobot calibration file, as `lerobot-calibrate` writes it, for an arm with ids 1..6."""
+    directory.mkdir(parents=True, exist_ok=True)
+    calibration = {joint: {"id": i + 1, "drive_mode": 0, "homing_offset": 12, "range_min": RANGE[0],
+                           "range_max": RANGE[1]} for i, joint in enumerate(JOINTS)}
+    path = directory / f"{device_id}.json"
+    path.write_text(json.dumps(calibration, indent=2))
+    return path
+
+
+def write_video(path: Path, seconds: float) -> Path:
+    """A camera recording whose frame k is uniformly grey at level 2k (so a frame shows its index)."""
+    height, width = CAMERA
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), CAMERA_FPS, (width, height))
+    for k in range(int(seconds * CAMERA_FPS)):
+        writer.write(np.full((height, width, 3), min(2 * k, 255), np.uint8))
+    writer.release()
+    return path
+
+
+def frame_index(frame: np.ndarray) -> int:
+    return round(float(frame.mean()) / 2)
+
+
+def waving_hand(t: float) -> dict[int, int]:
+    """A person moving every joint of a leader arm slowly back and forth inside the calibrated range."""
+    middle, amplitude = sum(RANGE) / 2, (RANGE[1] - RANGE[0]) / 4
+    return {i: int(middle + amplitude * math.sin(1.5 * t + i)) for i in range(1, 7)}

@@ -1,0 +1,127 @@
+"""fedbot-agent driving an SO-101 arm as a real process: lerobot's Feetech bus code on emulated servo
+buses (pseudo-terminals) for the follower and the leader, a camera fed from a video file. Teleop
+recording into a LeRobot dataset, a pulled cable mid-episode, reconnection, a trained policy checked,
+swapped in and run on the follower, stop and SIGTERM turning the torque off joint by joint."""
+
+from __future__ import annotations
+
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from arm_bench import RANGE, waving_hand, write_calibration, write_video
+from helpers import deliver_model
+from processes import Followed, NotifySocket, free_port, kill_group
+
+from agent.control_api import request
+from coordinator.superlink import BIN
+from fedbot.episode_store import committed_episodes
+from hardware.feetech_emulator import EmulatedBus
+from hardware.so_arm import MOTOR_NAMES
+
+TORQUE_OFF = [(6, 0), (5, 0), (4, 0), (3, 0), (2, 0), (1, 0)]  # gripper first, shoulder_pan last
+
+
+def write_config(directory, rate_hz: float = 15.0) -> None:
+    (directory / "agent.toml").write_text(f"""
+robot-id = "arm"
+data-dir = "data"
+socket = "agent.sock"
+[robot]
+type = "so101_follower"
+port = "{directory / 'follower'}"
+calibration-dir = "calibration"
+episode-seconds = 1.0
+[robot.cameras.front]
+index-or-path = "front.mp4"
+width = 64
+height = 48
+fps = 30
+[teleop]
+type = "so101_leader"
+port = "{directory / 'leader'}"
+[coordinator]
+superlink = "127.0.0.1:{free_port()}"
+supernode-port = {free_port()}
+[idle]
+min-new-episodes = 1000
+[control]
+rate-hz = {rate_hz}
+""")
+
+
+def test_agent_on_an_arm(tmp_path):
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    from fedbot.presets import get_preset
+    from fedbot.training import train
+
+    write_config(tmp_path)
+    write_calibration(tmp_path / "calibration", "arm")
+    write_calibration(tmp_path / "calibration", "arm-leader")
+    write_video(tmp_path / "front.mp4", seconds=2.0)
+    sock, dataset_root = tmp_path / "agent.sock", tmp_path / "data" / "dataset"
+    notify = NotifySocket(tmp_path / "notify")
+    follower = EmulatedBus(tmp_path / "follower").plug()
+    leader = EmulatedBus(tmp_path / "leader", hand=waving_hand).plug()
+    env = {**os.environ, "NOTIFY_SOCKET": str(notify.path), "SVT_LOG": "1"}
+    env.pop("JOURNAL_STREAM", None)
+    agent = Followed([str(BIN / "fedbot-agent"), "--config", str(tmp_path / "agent.toml")], tmp_path / "agent.log", env)
+    try:
+        assert notify.wait_for("READY", "1")["STATUS"] == "idle; live model none"
+
+        # Teleop: the leader, moved by a hand, drives the follower; episodes land in the dataset.
+        assert request(sock, "record", episodes=2) == {"attempted": 2, "kept": 2, "episodes": 2}
+        dataset = LeRobotDataset("fedbot/dataset", root=dataset_root)
+        assert dataset.meta.total_episodes == 2 and dataset.meta.total_frames == 30  # 1 s at 15 Hz each
+        assert dataset.meta.features["observation.state"]["names"] == MOTOR_NAMES
+        assert dataset.meta.features["observation.images.front"]["dtype"] == "video"
+        frame = dataset[10]
+        assert frame["observation.images.front"].shape == (3, 48, 64)
+        actions = np.stack([dataset[i]["action"].numpy() for i in range(dataset.meta.total_frames)])
+        states = np.stack([dataset[i]["observation.state"].numpy() for i in range(dataset.meta.total_frames)])
+        assert np.ptp(actions, axis=0).min() > 1.0 and np.ptp(states, axis=0).min() > 1.0  # all joints moved
+
+        # The follower's cable is pulled mid-session: the episode in progress is lost, the completed
+        # ones stay, the agent keeps running, shows the fault and reconnects once the port is back.
+        with ThreadPoolExecutor(1) as pool:
+            recording = pool.submit(request, sock, "record", episodes=3)
+            agent.wait_for(r"recorded scene 2: kept", timeout=60)  # the first of this session
+            follower.unplug()
+            with pytest.raises(RuntimeError, match="hardware fault, the episode in progress was discarded"):
+                recording.result(timeout=60)
+        status = request(sock, "status")
+        assert status["robot-connected"] is False and "arm on" in status["hardware-fault"]
+        assert status["episodes"] == committed_episodes(dataset_root) == 3
+        with pytest.raises(RuntimeError, match="the robot is not connected"):
+            request(sock, "record", episodes=1)
+        follower.plug()
+        agent.wait_for(r"robot reconnected", timeout=60)
+        assert request(sock, "status")["hardware-fault"] is None
+
+        # A policy trained on this arm's data is checked against the arm's features, swapped in and run.
+        policy = train(dataset_root, get_preset("so-arm-image"), 1, tmp_path / "train", show_progress=False)
+        deliver_model(policy, tmp_path / "data" / "models" / "inbox", "round_0001-arm", 1)
+        agent.wait_for(r"model round_0001-arm is live", timeout=120)
+        start = len(follower.goals)
+        result = request(sock, "run", episodes=1)
+        assert result["episodes"] == 1 and result["success-rate"] is None  # nobody judges a real bench
+        assert result["error"] is None and len(follower.goals) > start
+        assert all(RANGE[0] <= goal <= RANGE[1] for _, goal, _ in follower.goals[start:])
+
+        # Stop turns the torque off joint by joint; SIGTERM does too, and the agent exits cleanly.
+        request(sock, "stop")
+        assert follower.torque_writes[-6:] == TORQUE_OFF
+        request(sock, "run")  # torque on again, the policy drives the arm until SIGTERM
+        agent.process.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=90) == 0, agent.text()
+        assert follower.torque_writes[-6:] == TORQUE_OFF
+    finally:
+        if agent.process.poll() is None:
+            agent.kill_group()
+        kill_group(agent.process.pid)
+        notify.close()
+        follower.unplug()
+        leader.unplug()

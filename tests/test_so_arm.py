@@ -1,0 +1,218 @@
+"""SO arms through lerobot's real Feetech bus code, on emulated STS3215 buses served on pseudo-terminals,
+and a camera fed from a video file through OpenCV."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from arm_bench import RANGE, frame_index, waving_hand, write_calibration, write_video
+
+from hardware.cameras import CameraSettings
+from hardware.errors import CalibrationMissing, HardwareFault
+from hardware.factory import make_robot, make_teleop
+from hardware.feetech_emulator import EmulatedBus
+from hardware.pusht_sim import ACTION_KEY, STATE_KEY
+
+MAX_STEP_DEGREES = 10.0
+DEGREES_PER_STEP = 360 / 4095
+
+
+@pytest.fixture
+def bench(tmp_path):
+    """A follower bus, a leader bus moved by a hand, calibration files for both."""
+    calibration = tmp_path / "calibration"
+    write_calibration(calibration, "arm")
+    write_calibration(calibration, "arm-leader")
+    with EmulatedBus(tmp_path / "follower") as follower, \
+            EmulatedBus(tmp_path / "leader", hand=waving_hand) as leader:
+        yield tmp_path, follower, leader
+
+
+def _arm(tmp_path, cameras=None, **settings):
+    return make_robot("so101_follower", "arm", port=str(tmp_path / "follower"), fps=30,
+                      calibration_dir=tmp_path / "calibration", max_relative_target=MAX_STEP_DEGREES,
+                      cameras=cameras or {}, **settings)
+
+
+def test_connect_writes_the_calibration_file_to_the_motors_without_asking(bench):
+    tmp_path, follower, _ = bench
+    arm = _arm(tmp_path)
+    arm.connect()  # lerobot would prompt on stdin here; pytest's captured stdin makes that an error
+    for servo in range(1, 7):
+        assert follower.register(servo, "Min_Position_Limit") == RANGE[0]
+        assert follower.register(servo, "Max_Position_Limit") == RANGE[1]
+        assert follower.register(servo, "Homing_Offset") == 12
+    state = arm.get_observation()[STATE_KEY]
+    assert state.shape == (6,) and np.isfinite(state).all()
+    arm.disconnect()
+
+
+def test_a_missing_calibration_names_the_command_and_leaves_the_port_alone(bench):
+    tmp_path, follower, _ = bench
+    arm = make_robot("so100_follower", "new-arm", port=str(tmp_path / "follower"),
+                     calibration_dir=tmp_path / "calibration")
+    with pytest.raises(CalibrationMissing) as error:
+        arm.connect()
+    assert (f"lerobot-calibrate --robot.type=so100_follower --robot.port={tmp_path / 'follower'} "
+            f"--robot.id=new-arm --robot.calibration_dir={tmp_path / 'calibration'}") in str(error.value)
+    assert follower.torque_writes == [] and follower.register(1, "Min_Position_Limit") == 0
+    leader = make_teleop("so101_leader", id="nobody", port=str(tmp_path / "leader"),
+                         calibration_dir=tmp_path / "calibration")
+    with pytest.raises(CalibrationMissing, match="--teleop.type=so101_leader"):
+        leader.connect()
+
+
+def test_actions_stay_within_the_joint_range_and_the_step_limit(bench):
+    tmp_path, follower, _ = bench
+    for servo in follower.servos.values():
+        servo.position = RANGE[1] - 50  # near the top of every joint's range
+    arm = _arm(tmp_path)
+    arm.connect()
+    arm.reset(0)
+    start = len(follower.goals)
+    for _ in range(5):  # far above the range: the joint limit binds
+        arm.send_action({ACTION_KEY: np.full(6, 1000.0, np.float32)})
+    arm.get_observation()  # answered after the writes before it: the emulator has them all
+    assert [goal for _, goal, _ in follower.goals[start:]] == [RANGE[1]] * 30
+    start = len(follower.goals)
+    for _ in range(5):  # far below: the step limit binds (10 degrees from where the joint is)
+        arm.send_action({ACTION_KEY: np.full(6, -1000.0, np.float32)})
+    arm.get_observation()
+    # lerobot limits the step from the position it read just before writing; the joint may have
+    # moved a few steps (3000 steps/s) by the time the goal arrives.
+    max_step = MAX_STEP_DEGREES / DEGREES_PER_STEP + 10
+    for servo, goal, present in follower.goals[start:]:
+        assert RANGE[0] <= goal < present
+        if servo != 6:  # the gripper's limit is in percent of its range, not degrees
+            assert present - goal <= max_step
+    arm.disconnect()
+
+
+def test_hold_and_an_ordered_torque_off(bench):
+    tmp_path, follower, _ = bench
+    arm = _arm(tmp_path, torque_off_order=("gripper", "wrist_roll", "wrist_flex", "elbow_flex",
+                                           "shoulder_lift", "shoulder_pan"))
+    arm.connect()
+    arm.reset(0)
+    arm.send_action({ACTION_KEY: np.full(6, 9.0, np.float32)})
+    arm.hold()
+    arm.get_observation()
+    present = follower.present()
+    for servo, goal, _ in follower.goals[-6:]:
+        assert abs(goal - present[servo]) <= 3  # held where it was, not at the commanded target
+    before = len(follower.torque_writes)
+    arm.disconnect()  # torque writes are answered: all have arrived when it returns
+    assert follower.torque_writes[before:] == [(6, 0), (5, 0), (4, 0), (3, 0), (2, 0), (1, 0)]
+
+
+def test_a_pulled_cable_is_a_fault_until_the_port_returns(bench):
+    tmp_path, follower, _ = bench
+    arm = _arm(tmp_path)
+    arm.connect()
+    follower.unplug()
+    with pytest.raises(HardwareFault, match="arm on"):
+        arm.get_observation()
+    assert not arm.is_connected and "arm on" in arm.fault
+    with pytest.raises(HardwareFault, match="does not exist"):
+        arm.connect()
+    follower.plug()
+    arm.connect()
+    assert arm.fault is None and arm.get_observation()[STATE_KEY].shape == (6,)
+    arm.disconnect()
+
+
+def test_the_leader_drives_the_follower(bench):
+    tmp_path, follower, leader = bench
+    arm = _arm(tmp_path)
+    hand = make_teleop("so101_leader", id="arm-leader", port=str(tmp_path / "leader"),
+                       calibration_dir=tmp_path / "calibration")
+    arm.connect()
+    hand.connect()
+    arm.reset(0)
+    actions = []
+    for _ in range(30):
+        action = hand.get_action()
+        actions.append(action[ACTION_KEY])
+        arm.send_action(action)
+    assert all(leader.register(servo, "Torque_Enable") == 0 for servo in range(1, 7))  # the person moves it
+    assert np.ptp(np.array(actions), axis=0).min() > 0  # every joint of the leader moved
+    hand.disconnect()
+    arm.disconnect()
+
+
+def test_a_video_file_is_a_live_camera_until_it_ends(bench):
+    tmp_path, _, _ = bench
+    video = write_video(tmp_path / "front.mp4", seconds=2.0)
+    arm = _arm(tmp_path, cameras={"front": CameraSettings(str(video), width=64, height=48, fps=30, loop=False)})
+    assert arm.observation_features["observation.images.front"] == (48, 64, 3)
+    arm.connect()  # lerobot's connect reads frames for a 1 s warm-up
+    frames = []
+    while True:
+        try:
+            frames.append(frame_index(arm.get_observation()["observation.images.front"]))
+        except HardwareFault as fault:
+            assert "camera front" in str(fault)
+            break
+    # Frames came at the file's pace, in order, and the 2 s file lasted beyond the warm-up.
+    assert frames == sorted(frames) and 0 < frames[0] < 59 and frames[-1] >= 55
+    assert not arm.is_connected
+
+
+def _stats(low: float, high: float, size: int) -> dict:
+    return {"min": np.full(size, low), "max": np.full(size, high), "mean": np.zeros(size), "std": np.ones(size),
+            "count": np.array([100])}
+
+
+def test_a_stalled_policy_leaves_the_arm_holding(bench):
+    import sys
+    import threading
+    import time
+
+    import torch
+
+    from agent.controller import ControlLoop
+    from fedbot.presets import get_preset
+    from fedbot.recording import dataset_features
+    from fedbot.training import policy_from_stats
+
+    tmp_path, follower, _ = bench
+    video = write_video(tmp_path / "front.mp4", seconds=1.0)
+    arm = _arm(tmp_path, cameras={"front": CameraSettings(str(video), width=64, height=48, fps=30)})
+    arm.connect()
+    image_stats = {"mean": np.full((3, 1, 1), 0.5), "std": np.full((3, 1, 1), 0.25), "min": np.zeros((3, 1, 1)),
+                   "max": np.ones((3, 1, 1)), "count": np.array([100])}
+    loaded = policy_from_stats(get_preset("so-arm-image"), dataset_features(arm), {
+        STATE_KEY: _stats(-90, 90, 6), ACTION_KEY: _stats(-90, 90, 6), "observation.images.front": image_stats},
+        device="cpu")
+    release, computing = threading.Event(), loaded.policy.predict_action_chunk
+
+    def stalled(batch):  # the policy hangs (a stuck accelerator, a deadlock) until released
+        release.wait(120)
+        return computing(batch)
+
+    loaded.policy.predict_action_chunk = stalled
+    threads, switch = torch.get_num_threads(), sys.getswitchinterval()  # the loop sets both process-wide
+    loop = ControlLoop(arm, 30.0)
+    try:
+        loop.start()
+        loop.swap(loaded, "stalled", time.monotonic())
+        start = len(follower.goals)
+        loop.run()
+        assert loop.wait_ticks(10, timeout=30)
+        before = follower.present()
+        assert loop.wait_ticks(30, timeout=30)  # a second of ticks without an action
+        assert loop.actions == 0 and loop.holds == 1 and loop.error is None
+        assert follower.present() == before
+        held = follower.goals[start:]
+        assert len(held) == 12  # the episode start holds, then the first tick without an action
+        assert all(abs(goal - present) <= 1 for _, goal, present in held)
+        release.set()
+        while loop.actions == 0:  # the chunk lands; the arm moves on the policy's actions again
+            assert loop.wait_ticks(30, timeout=60)
+        assert len(follower.goals) > start + 6
+    finally:
+        release.set()
+        loop.close()
+        torch.set_num_threads(threads)
+        sys.setswitchinterval(switch)
+        arm.disconnect()
