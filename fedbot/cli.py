@@ -1,4 +1,4 @@
-"""The `fedbot` command line: record, train, eval, and the `sim` dry run."""
+"""The `fedbot` command line: record, train, eval, the agent's commands, `hardware check`, and the `sim` dry run."""
 
 from __future__ import annotations
 
@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("stop", parents=[agent], help="stop the policy: the robot holds")
     sub.add_parser("models", parents=[agent], help="the agent's kept models (live marked) and rejected ones")
     sub.add_parser("rollback", parents=[agent], help="make the previously live model live again")
+
+    hw = sub.add_parser("hardware", help="check the robot's devices").add_subparsers(dest="action", required=True)
+    check = hw.add_parser("check", help="list serial ports, ping every motor, read a frame from each camera",
+                          description="Checks every device of the agent config; run it while the agent is "
+                                      "stopped (two processes on one serial port corrupt each other).")
+    check.add_argument("--config", type=Path, default=Path("/etc/fedbot/agent.toml"), help="the agent TOML")
 
     sim = sub.add_parser("sim", help="the fleet dry run: a coordinator and simulated robot agents on localhost",
                          description="A coordinator and N `fedbot-agent --sim` robots over the real Flower "
@@ -185,6 +191,20 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_hardware(args) -> int:
+    from agent.config import load_config
+    from hardware.check import check_hardware
+
+    findings = check_hardware(load_config(args.config))
+    table = Table(title=f"hardware of {args.config}")
+    for column in ("part", "", "detail", "what to do"):
+        table.add_column(column)
+    for finding in findings:
+        table.add_row(finding.part, "[green]ok[/]" if finding.ok else "[red]MISSING[/]", finding.detail, finding.fix)
+    console.print(table)
+    return 0 if all(finding.ok for finding in findings) else 1
+
+
 def cmd_sim(args) -> int:
     from fedbot.fleet import FleetSettings, run_fleet
 
@@ -200,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers = {"record": cmd_record, "train": cmd_train, "eval": cmd_eval, "sim": cmd_sim}
+    handlers = {"record": cmd_record, "train": cmd_train, "eval": cmd_eval, "sim": cmd_sim, "hardware": cmd_hardware}
     handlers.update({name: lambda a, name=name: _agent_command(a, name, episodes=getattr(a, "episodes", None))
                      for name in ("status", "run", "stop", "models", "rollback")})
     handler = handlers[args.command]

@@ -55,13 +55,18 @@ def image_key(camera: str) -> str:
     return f"observation.images.{camera}"
 
 
+def calibration_command(kind: str, device_type: str, port: str, device_id: str, calibration_dir) -> str:
+    """The lerobot command that calibrates an arm (kind: robot or teleop) and writes its file."""
+    return (f"lerobot-calibrate --{kind}.type={device_type} --{kind}.port={port} --{kind}.id={device_id} "
+            f"--{kind}.calibration_dir={calibration_dir}")
+
+
 def _require_calibration(device, kind: str, device_type: str, port: str) -> None:
     """The daemon cannot calibrate (a person moves the joints through their range): name the command."""
     if not device.calibration:
         raise CalibrationMissing(
             f"{device_type} {device.id!r} has no calibration file ({device.calibration_fpath}). Calibrate it once "
-            f"with the arm connected:\n  lerobot-calibrate --{kind}.type={device_type} --{kind}.port={port} "
-            f"--{kind}.id={device.id} --{kind}.calibration_dir={device.calibration_dir}")
+            f"with the arm connected:\n  {calibration_command(kind, device_type, port, device.id, device.calibration_dir)}")
 
 
 class _NoPromptCalibration:

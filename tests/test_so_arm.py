@@ -163,7 +163,7 @@ def _stats(low: float, high: float, size: int) -> dict:
             "count": np.array([100])}
 
 
-def test_a_stalled_policy_leaves_the_arm_holding(bench):
+def test_a_stalled_or_failing_policy_leaves_the_arm_holding(bench):
     import sys
     import threading
     import time
@@ -184,11 +184,11 @@ def test_a_stalled_policy_leaves_the_arm_holding(bench):
     loaded = policy_from_stats(get_preset("so-arm-image"), dataset_features(arm), {
         STATE_KEY: _stats(-90, 90, 6), ACTION_KEY: _stats(-90, 90, 6), "observation.images.front": image_stats},
         device="cpu")
-    release, computing = threading.Event(), loaded.policy.predict_action_chunk
+    release = threading.Event()
 
-    def stalled(batch):  # the policy hangs (a stuck accelerator, a deadlock) until released
+    def stalled(batch):  # the policy hangs (a stuck accelerator, a deadlock), then fails
         release.wait(120)
-        return computing(batch)
+        raise RuntimeError("the accelerator fell off the bus")
 
     loaded.policy.predict_action_chunk = stalled
     threads, switch = torch.get_num_threads(), sys.getswitchinterval()  # the loop sets both process-wide
@@ -207,12 +207,50 @@ def test_a_stalled_policy_leaves_the_arm_holding(bench):
         assert len(held) == 12  # the episode start holds, then the first tick without an action
         assert all(abs(goal - present) <= 1 for _, goal, present in held)
         release.set()
-        while loop.actions == 0:  # the chunk lands; the arm moves on the policy's actions again
-            assert loop.wait_ticks(30, timeout=60)
-        assert len(follower.goals) > start + 6
+        while loop.error is None:  # the failure reaches the control thread at its next tick
+            assert loop.wait_ticks(1, timeout=30)
+        assert "fell off the bus" in loop.error and loop.mode == "hold" and loop.actions == 0
+        assert len(follower.goals) == start + 12  # still holding: nothing was sent after the failure
     finally:
         release.set()
         loop.close()
         torch.set_num_threads(threads)
         sys.setswitchinterval(switch)
         arm.disconnect()
+
+
+def test_hardware_check_says_what_is_missing_and_what_to_do(tmp_path, capsys):
+    from agent.config import load_config
+    from fedbot.cli import main
+    from hardware.check import check_hardware
+
+    write_calibration(tmp_path / "calibration", "arm")  # the leader has none
+    write_video(tmp_path / "front.mp4", seconds=2.0)
+    config = tmp_path / "agent.toml"
+    config.write_text(f"""robot-id = "arm"
+[robot]
+type = "so101_follower"
+port = "{tmp_path / 'follower'}"
+calibration-dir = "calibration"
+[robot.cameras.front]
+index-or-path = "front.mp4"
+width = 64
+height = 48
+[robot.cameras.wrist]
+index-or-path = "{tmp_path / 'no-such-camera'}"
+[teleop]
+type = "so100_leader"
+port = "{tmp_path / 'leader'}"
+""")
+    with EmulatedBus(tmp_path / "follower"), EmulatedBus(tmp_path / "leader", ids=[1, 2, 3, 5, 6]):
+        findings = {f.part: f for f in check_hardware(load_config(config))}
+        assert main(["hardware", "check", "--config", str(config)]) == 1  # prints them as a table
+    assert "MISSING" in capsys.readouterr().out
+    missing = {part for part, finding in findings.items() if not finding.ok}
+    assert missing == {"so100_leader 'arm-leader' calibration", "so100_leader 'arm-leader' motor wrist_flex",
+                       "camera wrist"}
+    assert findings["so100_leader 'arm-leader' motor wrist_flex"].detail == "id 4: no answer"
+    assert "lerobot-calibrate --teleop.type=so100_leader" in findings["so100_leader 'arm-leader' calibration"].fix
+    assert "lerobot-find-cameras" in findings["camera wrist"].fix
+    assert findings["camera front"].detail.endswith("frame 64x48")
+    assert len([part for part in findings if " motor " in part]) == 12
