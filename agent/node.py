@@ -24,7 +24,8 @@ class NodeSettings:
         elif "partition-id" in node_config:
             root = Path(sim_data_dir) / f"robot{node_config['partition-id']}"
         else:
-            raise ValueError("node config has no 'dataset-root' (flower-supernode --node-config \"dataset-root='DIR'\")")
+            raise ValueError("node config has no 'dataset-root' "
+                             "(flower-supernode --node-config \"dataset-root='DIR'\")")
         name = str(node_config.get("robot-id", root.name))
         return cls(
             name=name,

@@ -47,7 +47,8 @@ class Preset:
         keys = self.inputs(dataset_features)
         missing = [k for k in (*keys, ACTION_KEY) if k not in features]
         if missing:
-            raise ValueError(f"preset {self.name!r} needs dataset features {missing}; the dataset has {sorted(features)}")
+            raise ValueError(f"preset {self.name!r} needs dataset features {missing}; "
+                             f"the dataset has {sorted(features)}")
         inputs = {k: features[k] for k in keys}
         outputs = {ACTION_KEY: PolicyFeature(type=FeatureType.ACTION, shape=features[ACTION_KEY].shape)}
         return DiffusionConfig(

@@ -64,9 +64,9 @@ def calibration_command(kind: str, device_type: str, port: str, device_id: str, 
 def _require_calibration(device, kind: str, device_type: str, port: str) -> None:
     """The daemon cannot calibrate (a person moves the joints through their range): name the command."""
     if not device.calibration:
-        raise CalibrationMissing(
-            f"{device_type} {device.id!r} has no calibration file ({device.calibration_fpath}). Calibrate it once "
-            f"with the arm connected:\n  {calibration_command(kind, device_type, port, device.id, device.calibration_dir)}")
+        command = calibration_command(kind, device_type, port, device.id, device.calibration_dir)
+        raise CalibrationMissing(f"{device_type} {device.id!r} has no calibration file ({device.calibration_fpath}). "
+                                 f"Calibrate it once with the arm connected:\n  {command}")
 
 
 class _NoPromptCalibration:
