@@ -90,30 +90,43 @@ def test_recording_seeds_stay_below_the_evaluation_seeds():
         check_recording_seeds(EVAL_SEED_START - 2, 5)
 
 
-def run_recorder(root: Path, episodes: int, point: str, at_call: int) -> subprocess.CompletedProcess:
-    """Record in a separate process that SIGKILLs itself before the `at_call`-th call of `point`."""
-    return subprocess.run(
-        [sys.executable, str(CRASH_RECORDER), str(root), str(episodes), point, str(at_call)],
-        capture_output=True, text=True, timeout=300,
-    )
+KILLS = [
+    ("add_frame", STEPS + 5, 1),  # killed mid-episode 2
+    ("save_episode_video", 2, 1),  # killed inside lerobot's save of episode 2
+    ("finalize", 2, 1),  # episode 2 saved, parquet footers not written
+    ("fsync_tree", 2, 1),  # episode 2 complete in its work dir
+    ("replace", 2, 1),  # episode 2's version in place, not yet current
+    ("recover", 3, 2),  # episode 2 committed, leftovers not yet cleaned
+    ("add_frame", 5, 0),  # killed in the very first episode
+]
 
 
-@pytest.mark.parametrize(
-    ("point", "at_call", "survivors"),
-    [
-        ("add_frame", STEPS + 5, 1),  # killed mid-episode 2
-        ("save_episode_video", 2, 1),  # killed inside lerobot's save of episode 2
-        ("finalize", 2, 1),  # episode 2 saved, parquet footers not written
-        ("fsync_tree", 2, 1),  # episode 2 complete in its work dir
-        ("replace", 2, 1),  # episode 2's version in place, not yet current
-        ("recover", 3, 2),  # episode 2 committed, leftovers not yet cleaned
-        ("add_frame", 5, 0),  # killed in the very first episode
-    ],
-)
-def test_sigkill_loses_at_most_the_episode_in_progress(tmp_path, point, at_call, survivors):
-    root = tmp_path / "robot"
-    killed = run_recorder(root, 2, point, at_call)
-    assert killed.returncode == -9, killed.stderr[-2000:]
+@pytest.fixture(scope="module")
+def killed_recorders(tmp_path_factory) -> dict:
+    """One real recorder process per kill point, each recording 2 episodes into its own dataset and
+    SIGKILLing itself before the `at_call`-th call of `point`. They start together: each spends
+    seconds importing lerobot, and side by side they share the cores instead of queueing.
+    Returns (dataset root, exit code, stderr) per (point, at_call)."""
+    base = tmp_path_factory.mktemp("killed")
+    running = {}
+    for point, at_call, _ in KILLS:
+        work = base / f"{point}-{at_call}"
+        work.mkdir()
+        stderr = open(work / "stderr.txt", "w")
+        command = [sys.executable, str(CRASH_RECORDER), str(work / "robot"), "2", point, str(at_call)]
+        running[point, at_call] = (work, subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr), stderr)
+    results = {}
+    for key, (work, process, stderr) in running.items():
+        code = process.wait(timeout=300)
+        stderr.close()
+        results[key] = (work / "robot", code, (work / "stderr.txt").read_text())
+    return results
+
+
+@pytest.mark.parametrize(("point", "at_call", "survivors"), KILLS)
+def test_sigkill_loses_at_most_the_episode_in_progress(killed_recorders, point, at_call, survivors):
+    root, code, stderr = killed_recorders[point, at_call]
+    assert code == -9, stderr[-2000:]
     if survivors:
         assert_readable(root, survivors)
     # recording continues into the same dataset
