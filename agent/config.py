@@ -51,7 +51,7 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from fedbot.recording import DEFAULT_TASK
+from fedbot.scenes import DEFAULT_TASK
 from fedbot.typed_config import ConfigError, from_mapping
 from hardware.cameras import CameraSettings
 from hardware.so_arm import FOLLOWER_TYPES, JOINTS, LEADER_TYPES, TORQUE_OFF_ORDER

@@ -23,7 +23,7 @@ import torch
 from agent.inbox import MANIFEST, WEIGHTS, sha256_file
 from fedbot.evaluation import evaluate, write_json_atomic
 from fedbot.policy_io import LoadedPolicy, load_policy
-from fedbot.recording import EVAL_SEED_START
+from fedbot.scenes import EVAL_SEED_START
 
 log = logging.getLogger("fedbot.agent.models")
 HISTORY = "history.json"

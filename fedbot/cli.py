@@ -32,9 +32,9 @@ def _non_negative(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fedbot.presets import PRESETS
-    from fedbot.recording import DEFAULT_TASK, EVAL_SEED_START
-    from hardware.pusht_expert import STYLES
+    # Only light imports here: `fedbot status` must not wait for torch. Presets and operator styles
+    # are checked where they are used (fedbot/presets.py, hardware/pusht_expert.py), naming the known ones.
+    from fedbot.scenes import DEFAULT_TASK, EVAL_SEED_START
 
     parser = argparse.ArgumentParser(prog="fedbot", description="Federated learning for robot fleets.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--episodes", type=_positive, required=True, help="number of episodes to attempt")
     rec.add_argument("--operator", choices=["expert", "mouse"], default="expert",
                      help="scripted expert or a person with the mouse (default: expert)")
-    rec.add_argument("--style", choices=sorted(STYLES), default="default", help="expert operator style")
+    rec.add_argument("--style", default="default",
+                     help="expert operator style: default, swift, careful, clockwise (hardware/pusht_expert.py)")
     rec.add_argument("--seed", type=_non_negative, default=0,
                      help=f"first scene seed; episodes use seed, seed+1, ... (< {EVAL_SEED_START})")
     rec.add_argument("--task", default=None, help=f"task stored with every frame (default: {DEFAULT_TASK!r})")
@@ -60,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train a DiffusionPolicy on one dataset (resumes from --out)")
     tr.add_argument("--dataset", type=Path, required=True, help="dataset directory")
-    tr.add_argument("--preset", choices=sorted(PRESETS), default="pusht-state")
+    tr.add_argument("--preset", default="pusht-state",
+                    help="policy preset: pusht-state, pusht-image, so-arm-image (fedbot/presets.py)")
     tr.add_argument("--steps", type=_non_negative, required=True, help="total optimizer steps")
     tr.add_argument("--out", type=Path, required=True, help="run directory (checkpoints/ inside)")
     tr.add_argument("--save-every", type=_positive, default=1000, help="checkpoint period in steps")
@@ -119,7 +121,8 @@ def cmd_record(args) -> int:
 def _record(root: Path, episodes: int, operator_kind: str, style: str, seed: int, task: str | None = None,
             keep_failed: bool = False):
     """Record episodes in the sim with the chosen operator; prints one line per episode."""
-    from fedbot.recording import DEFAULT_TASK, check_recording_seeds, open_store, record_episodes
+    from fedbot.recording import check_recording_seeds, open_store, record_episodes
+    from fedbot.scenes import DEFAULT_TASK
     from hardware.factory import make_robot, make_teleop
 
     check_recording_seeds(seed, episodes)  # before anything is created

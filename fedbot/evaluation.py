@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedbot.policy_io import LoadedPolicy
-from fedbot.recording import EVAL_SEED_START
+from fedbot.scenes import EVAL_SEED_START
 from hardware.pusht_sim import ACTION_KEY, PushTSim, PushTSimConfig
 
 

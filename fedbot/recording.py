@@ -17,12 +17,10 @@ from lerobot.teleoperators.teleoperator import Teleoperator
 from lerobot.utils.robot_utils import precise_sleep
 
 from fedbot.episode_store import EpisodeStore
+from fedbot.scenes import DEFAULT_TASK, EVAL_SEED_START
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TASK = "Push the T-shaped block onto the T-shaped target."
-# Recording draws scenes from seeds below EVAL_SEED_START; evaluation from seeds at or above it.
-EVAL_SEED_START = 100_000
 
 
 def dataset_features(robot: Robot) -> dict[str, dict]:

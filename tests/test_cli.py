@@ -3,6 +3,7 @@ and fleet tests run the console scripts as real processes.)"""
 
 import json
 
+import pytest
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
 
@@ -45,9 +46,26 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     assert code == 2 and "held out" in err
     code, err = run_in_process(capsys, "record", "--sim", "--root", tmp_path / "d", "--episodes", 1,
                                "--style", "sideways")
-    assert code == 2 and "invalid choice" in err
+    assert code == 2 and "known styles: ['careful', 'clockwise', 'default', 'swift']" in err
+    code, err = run_in_process(capsys, "train", "--dataset", tmp_path / "d", "--preset", "pusht-tiny", "--steps", 1,
+                               "--out", tmp_path / "r")
+    assert code == 2 and "unknown preset 'pusht-tiny'" in err
     code, err = run_in_process(capsys, "record", "--root", tmp_path / "d", "--episodes", 1)
     assert code == 2 and "needs both --sim and --root" in err
     code, err = run_in_process(capsys, "status", "--socket", tmp_path / "no-agent.sock")
     assert code == 2 and "no agent is listening" in err
     assert not (tmp_path / "d" / "meta" / "info.json").exists()
+
+
+def test_help_names_every_style_and_preset(capsys):
+    """The parser lists them without importing torch (fedbot status must start fast), so a test keeps
+    the lists true."""
+    from fedbot.cli import main
+    from fedbot.presets import PRESETS
+    from hardware.pusht_expert import STYLES
+
+    for command, names in (("record", STYLES), ("train", PRESETS)):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        help_text = " ".join(capsys.readouterr().out.split())
+        assert all(name in help_text for name in names), (command, help_text)

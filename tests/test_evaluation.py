@@ -7,7 +7,7 @@ import pytest
 
 from fedbot.evaluation import evaluate
 from fedbot.policy_io import load_policy
-from fedbot.recording import EVAL_SEED_START
+from fedbot.scenes import EVAL_SEED_START
 
 
 def test_eval_writes_results_and_videos(untrained_policy, tmp_path):
