@@ -102,8 +102,9 @@ class ChunkedInference:
             self.inference_seconds = max(time.perf_counter() - started, 0.9 * self.inference_seconds)
             if generation == self._generation:
                 # A chunk that arrives after its last tick would leave nothing to do, every time, if the
-                # policy is slower than a chunk's span: then its last action is taken as the current one.
-                late = max(0, self._tick - tick - (len(actions) - 1))
+                # policy is slower than a chunk's span: then its last action goes to the next tick (the
+                # control thread has served tick `self._tick` already).
+                late = max(0, self._tick + 1 - tick - (len(actions) - 1))
                 self.late_chunks += late > 0
                 self._queue = deque((tick + late + i, action) for i, action in enumerate(actions))
                 self._source = loaded

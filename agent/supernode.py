@@ -1,6 +1,8 @@
 """The robot's Flower SuperNode: how it is started against the coordinator's SuperLink.
 
-The SuperNode is a real `flower-supernode` process. Its node config tells the ClientApp where this
+The SuperNode is a real `flower-supernode` process, started by agent/warm_clientapp.py, which runs
+its ClientApps (every message is a new process) from a fork server that imported torch and lerobot
+once. Its node config tells the ClientApp where this
 robot's dataset, model inbox and outputs are (agent/node.py). With TLS it trusts the lab's CA; with
 authentication it signs in with the robot's private key (`fedbot-coordinator credentials`).
 """
@@ -38,7 +40,9 @@ class SuperNodeSettings:
         return " ".join(f"{key}='{value}'" for key, value in values.items())
 
     def command(self) -> list[str]:
-        command = [str(BIN / "flower-supernode"), "--superlink", self.superlink, "--port", str(self.port),
+        """flower-supernode under agent/warm_clientapp.py, which starts its ClientApps warm."""
+        command = [sys.executable, "-m", "agent.warm_clientapp", "--runtime-api-address", f"127.0.0.1:{self.port}",
+                   "--", str(BIN / "flower-supernode"), "--superlink", self.superlink, "--port", str(self.port),
                    "--node-config", self.node_config()]
         if self.root_certificates is None:
             command.append("--insecure")

@@ -31,18 +31,19 @@ def main() -> None:
     parser.add_argument("--presets", nargs="*", default=sorted(PRESETS))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    features = dataset_features(PushTSim(PushTSimConfig(id="bench")))
+    pusht = dataset_features(PushTSim(PushTSimConfig(id="bench")))
+    arm = {  # an SO arm with one 640x480 camera (hardware/so_arm.py names)
+        "observation.state": {"dtype": "float32", "shape": (6,), "names": None},
+        "observation.images.front": {"dtype": "video", "shape": (480, 640, 3), "names": None},
+        "action": {"dtype": "float32", "shape": (6,), "names": None},
+    }
     table = Table(title=f"action-chunk latency, 1 thread, {machine()}")
     for column in ("preset", "params", "denoising steps", "median ms", "p90 ms", "ms per action"):
         table.add_column(column, justify="right")
     for name in args.presets:
-        config = PRESETS[name].make_config(features, device="cpu")
+        config = PRESETS[name].make_config(arm if name.startswith("so-arm") else pusht, device="cpu")
         policy = DiffusionPolicy(config).eval()
-        observation = {"observation.state": torch.rand(1, 2)}
-        if "observation.environment_state" in config.input_features:
-            observation["observation.environment_state"] = torch.rand(1, 16)
-        if "observation.image" in config.input_features:
-            observation["observation.image"] = torch.rand(1, 3, 96, 96)
+        observation = {key: torch.rand(1, *feature.shape) for key, feature in config.input_features.items()}
         repeats = args.repeats if name == "pusht-state" else max(3, args.repeats // 5)
         times = []
         with torch.inference_mode():

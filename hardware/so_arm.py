@@ -96,8 +96,10 @@ def _device_errors(device, what: str):
         raise
     except DEVICE_ERRORS as error:
         detail = str(error).strip().splitlines()
-        device.fault = f"{what}: {type(error).__name__}: {detail[0] if detail else ''}"
-        log.error("%s: %s", device.id, device.fault)
+        fault = f"{what}: {type(error).__name__}: {detail[0] if detail else ''}"
+        if fault != device.fault:  # reconnect attempts fail the same way every second: say it once
+            log.error("%s: %s", device.id, fault)
+        device.fault = fault
         device.close_quietly()
         raise HardwareFault(device.fault) from error
 
@@ -166,10 +168,10 @@ class SOArm(Robot):
                 camera = make_camera(settings)
                 camera.connect()
                 self.cameras[name] = camera
+        self.fault = None
         log.info("%s connected on %s with %d cameras", self.id, self.config.port, len(self.cameras))
 
     def _connect_arm(self) -> None:
-        self.fault = None
         self.arm = _Follower(SOFollowerRobotConfig(
             id=self.id, calibration_dir=self.calibration_dir, port=self.config.port,
             max_relative_target=float(self.config.max_relative_target), disable_torque_on_disconnect=False))
@@ -319,6 +321,7 @@ class SOLeaderArm(Teleoperator):
                                                 port=self.config.port))
         with _device_errors(self, f"leader arm on {self.config.port}"):
             self.arm.connect(calibrate=True)
+        self.fault = None
 
     def calibrate(self) -> None:
         """Calibration is lerobot-calibrate's job (see `_NoPromptCalibration`)."""

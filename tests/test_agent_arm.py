@@ -1,11 +1,14 @@
 """fedbot-agent driving an SO-101 arm as a real process: lerobot's Feetech bus code on emulated servo
 buses (pseudo-terminals) for the follower and the leader, a camera fed from a video file. Teleop
 recording into a LeRobot dataset, a pulled cable mid-episode, reconnection, a trained policy checked,
-swapped in and run on the follower, stop and SIGTERM turning the torque off joint by joint."""
+swapped in and run on the follower, a policy too slow for the loop (the arm holds), stop and SIGTERM
+turning the torque off joint by joint."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
@@ -103,13 +106,28 @@ def test_agent_on_an_arm(tmp_path):
 
         # A policy trained on this arm's data is checked against the arm's features, swapped in and run.
         policy = train(dataset_root, get_preset("so-arm-image"), 1, tmp_path / "train", show_progress=False)
-        deliver_model(policy, tmp_path / "data" / "models" / "inbox", "round_0001-arm", 1)
+        inbox = tmp_path / "data" / "models" / "inbox"
+        deliver_model(policy, inbox, "round_0001-arm", 1)
         agent.wait_for(r"model round_0001-arm is live", timeout=120)
         start = len(follower.goals)
         result = request(sock, "run", episodes=1)
         assert result["episodes"] == 1 and result["success-rate"] is None  # nobody judges a real bench
         assert result["error"] is None and len(follower.goals) > start
         assert all(RANGE[0] <= goal <= RANGE[1] for _, goal, _ in follower.goals[start:])
+
+        # A policy that cannot keep up (twice the denoising steps: each chunk comes after the last tick
+        # it was computed for): whenever no action is ready, the arm holds where it is.
+        slow = tmp_path / "slow"
+        shutil.copytree(policy, slow)
+        config = json.loads((slow / "config.json").read_text())
+        (slow / "config.json").write_text(json.dumps({**config, "num_inference_steps": 20}))
+        deliver_model(slow, inbox, "round_0002-slow", 2)
+        agent.wait_for(r"model round_0002-slow is live", timeout=120)
+        before = request(sock, "status")["control"]
+        assert request(sock, "run", episodes=1)["error"] is None
+        after = request(sock, "status")["control"]
+        # one hold while the first chunk is computed (as for any model), then one per late chunk
+        assert after["holds"] >= before["holds"] + 2 and after["starved-ticks"] > before["starved-ticks"]
 
         # Stop turns the torque off joint by joint; SIGTERM does too, and the agent exits cleanly.
         request(sock, "stop")
