@@ -32,6 +32,8 @@ from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResult
 from flwr.supercore.tls import validate_and_resolve_root_certificates
 from flwr.supernode.runtime.run_clientapp import run_clientapp
 
+from fedbot.process_group import die_with_parent
+
 # What every fedbot ClientApp imports, and which takes the time: imported once, in the fork server.
 PRELOAD = [
     "torch",
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("supernode", nargs=argparse.REMAINDER, help="-- and the flower-supernode command")
     args = parser.parse_args(argv)
     command = args.supernode[1:] if args.supernode[:1] == ["--"] else args.supernode
-    supernode = subprocess.Popen([*command, "--isolation", "process"])
+    supernode = subprocess.Popen([*command, "--isolation", "process"], preexec_fn=die_with_parent)
 
     def follow_supernode() -> None:
         code = supernode.wait()
