@@ -32,9 +32,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     pusht = dataset_features(PushTSim(PushTSimConfig(id="bench")))
+    video = ["height", "width", "channels"]
     arm = {  # an SO arm with one 640x480 camera (hardware/so_arm.py names)
         "observation.state": {"dtype": "float32", "shape": (6,), "names": None},
-        "observation.images.front": {"dtype": "video", "shape": (480, 640, 3), "names": None},
+        "observation.images.front": {"dtype": "video", "shape": (480, 640, 3), "names": video},
         "action": {"dtype": "float32", "shape": (6,), "names": None},
     }
     table = Table(title=f"action-chunk latency, 1 thread, {machine()}")

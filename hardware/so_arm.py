@@ -13,8 +13,9 @@ module adds what a daemon driving a real arm needs on top:
   from the present position (lerobot's `ensure_safe_goal_position`).
 - `hold()` makes the present position the goal; `torque_off()` disables torque joint by joint in a
   defined order (by default from the gripper to the base), also on disconnect.
-- A serial port or camera that fails mid-session raises `HardwareFault`; the arm closes what is
-  left and can be connected again when the device returns.
+- A serial port or camera that fails mid-session raises `HardwareFault`; the arm holds and turns
+  its torque off if its bus still answers, closes what is left, and can be connected again when
+  the device returns.
 """
 
 from __future__ import annotations
@@ -235,16 +236,23 @@ class SOArm(Robot):
                              coverage=float("nan"))
 
     def disconnect(self) -> None:
-        if self.arm is None:
-            return
-        try:
-            self.torque_off()
-        except HardwareFault:
-            return  # already closed
-        self.close_quietly()
+        """Hold, torque off joint by joint, close (SIGTERM and `systemctl stop` end here)."""
+        if self.arm is not None:
+            self.close_quietly()
+            log.info("%s disconnected (torque off: %s)", self.id, ", ".join(self.config.torque_off_order))
 
     def close_quietly(self) -> None:
-        """Close the port and cameras without talking to the motors (they may be gone)."""
+        """After a fault: if the bus still answers (a camera failed, or the arm's port hiccuped), hold
+        and turn the torque off in order; then close the port and the cameras, whatever fails."""
+        if self.arm is not None:
+            try:
+                bus = self.arm.bus
+                bus.port_handler.is_using = False  # an interrupted transaction leaves it set
+                bus.sync_write("Goal_Position", bus.sync_read("Present_Position"))
+                for joint in self.config.torque_off_order:
+                    bus.disable_torque(joint)
+            except Exception:  # noqa: BLE001  the port is gone: the motors cannot be told anything
+                pass
         for camera in self.cameras.values():
             try:
                 camera.disconnect()

@@ -8,6 +8,14 @@ from fedbot.recording import dataset_features
 from hardware.pusht_sim import PushTSim, PushTSimConfig
 
 FEATURES = dataset_features(PushTSim(PushTSimConfig(id="t")))
+VIDEO = ["height", "width", "channels"]
+ARM_FEATURES = {  # an SO arm with two cameras (hardware/so_arm.py); lerobot wants one image shape
+    "observation.state": {"dtype": "float32", "shape": (6,), "names": None},
+    "observation.images.front": {"dtype": "video", "shape": (480, 640, 3), "names": VIDEO},
+    "observation.images.wrist": {"dtype": "video", "shape": (480, 640, 3), "names": VIDEO},
+    "action": {"dtype": "float32", "shape": (6,), "names": None},
+}
+PUSHT_PRESETS = sorted(name for name in PRESETS if name.startswith("pusht"))
 
 
 def test_image_preset_is_the_flower_example_configuration():
@@ -28,7 +36,8 @@ def test_state_preset_uses_no_image_and_ddim():
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_builds_offline(name):
-    policy = DiffusionPolicy(get_preset(name).make_config(FEATURES, device="cpu"))
+    features = ARM_FEATURES if name.startswith("so-arm") else FEATURES
+    policy = DiffusionPolicy(get_preset(name).make_config(features, device="cpu"))
     assert sum(p.numel() for p in policy.parameters()) > 1_000_000
 
 
@@ -40,7 +49,18 @@ def test_unknown_preset_and_missing_features_are_clear_errors():
         get_preset("pusht-state").make_config(without_env_state)
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_arm_preset_takes_the_joints_and_every_camera():
+    config = get_preset("so-arm-image").make_config(ARM_FEATURES, device="cpu")
+    assert list(config.input_features) == ["observation.state", "observation.images.front",
+                                           "observation.images.wrist"]
+    assert config.resize_shape == (96, 128) and config.crop_shape == (84, 112)
+    with pytest.raises(ValueError, match=r"observation.images.\*"):  # an arm without a camera
+        get_preset("so-arm-image").make_config(
+            {k: v for k, v in ARM_FEATURES.items() if "images" not in k}, device="cpu")
+
+
+# On PushT data; the arm preset normalizes and trains on arm data in test_agent_arm.py.
+@pytest.mark.parametrize("name", PUSHT_PRESETS)
 def test_every_input_and_the_action_are_normalized(name, small_dataset):
     """lerobot's default mapping has no entry for ENV features: they would reach the net in pixels."""
     import torch

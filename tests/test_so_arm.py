@@ -141,7 +141,7 @@ def test_the_leader_drives_the_follower(bench):
 
 
 def test_a_video_file_is_a_live_camera_until_it_ends(bench):
-    tmp_path, _, _ = bench
+    tmp_path, follower, _ = bench
     video = write_video(tmp_path / "front.mp4", seconds=2.0)
     arm = _arm(tmp_path, cameras={"front": CameraSettings(str(video), width=64, height=48, fps=30, loop=False)})
     assert arm.observation_features["observation.images.front"] == (48, 64, 3)
@@ -156,6 +156,8 @@ def test_a_video_file_is_a_live_camera_until_it_ends(bench):
     # Frames came at the file's pace, in order, and the 2 s file lasted beyond the warm-up.
     assert frames == sorted(frames) and 0 < frames[0] < 59 and frames[-1] >= 55
     assert not arm.is_connected
+    # The bus still answered: the fault left the arm holding, its torque off joint by joint.
+    assert follower.torque_writes[-6:] == [(6, 0), (5, 0), (4, 0), (3, 0), (2, 0), (1, 0)]
 
 
 def _stats(low: float, high: float, size: int) -> dict:
