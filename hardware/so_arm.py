@@ -105,6 +105,35 @@ def _device_errors(device, what: str):
         raise HardwareFault(device.fault) from error
 
 
+class _ArmDevice:
+    """What the follower and the leader share: lerobot's arm object while connected, the last fault."""
+
+    arm: SOFollower | SOLeader | None
+    fault: str | None
+
+    @property
+    def is_connected(self) -> bool:
+        return self.arm is not None
+
+    @property
+    def is_calibrated(self) -> bool:
+        return self.arm is not None and self.arm.is_calibrated
+
+    def calibrate(self) -> None:
+        """Calibration is lerobot-calibrate's job (see `_NoPromptCalibration`)."""
+
+    def _require_connected(self) -> None:
+        if self.arm is None:
+            raise HardwareFault(self.fault or f"{self.id} is not connected")
+
+    def _close_port(self) -> None:
+        try:
+            self.arm.bus.port_handler.closePort()
+        except Exception:  # noqa: BLE001  a port that failed may refuse even this
+            pass
+        self.arm = None
+
+
 @RobotConfig.register_subclass("fedbot_so_arm")
 @dataclass(kw_only=True)
 class SOArmConfig(RobotConfig):
@@ -117,7 +146,7 @@ class SOArmConfig(RobotConfig):
     cameras: dict[str, CameraSettings] = field(default_factory=dict)
 
 
-class SOArm(Robot):
+class SOArm(_ArmDevice, Robot):
     """A follower arm with its cameras (see the module docstring)."""
 
     config_class = SOArmConfig
@@ -145,14 +174,6 @@ class SOArm(Robot):
     @property
     def feature_names(self) -> dict[str, list[str]]:
         return {STATE_KEY: MOTOR_NAMES, ACTION_KEY: MOTOR_NAMES}
-
-    @property
-    def is_connected(self) -> bool:
-        return self.arm is not None
-
-    @property
-    def is_calibrated(self) -> bool:
-        return self.arm is not None and self.arm.is_calibrated
 
     def connect(self, calibrate: bool = True) -> None:
         """Open the port, check every motor, write the calibration, configure; then the cameras."""
@@ -182,9 +203,6 @@ class SOArm(Robot):
             self.arm.connect(calibrate=True)
             self.limits = _joint_limits(self.arm)
 
-    def calibrate(self) -> None:
-        """Calibration is lerobot-calibrate's job (see `_NoPromptCalibration`)."""
-
     def configure(self) -> None:
         """lerobot's SOFollower configures the motors in `connect`."""
 
@@ -211,24 +229,31 @@ class SOArm(Robot):
         """Stop where the arm is: the present position becomes the goal."""
         self._require_connected()
         with _device_errors(self, f"arm on {self.config.port}"):
-            present = self.arm.bus.sync_read("Present_Position", num_retry=self.arm.config.num_read_retries)
-            self.arm.bus.sync_write("Goal_Position", present)
+            self._hold()
 
     def torque_off(self) -> None:
         """Hold, then disable torque joint by joint in `torque_off_order`."""
-        self.hold()
+        self._require_connected()
         with _device_errors(self, f"arm on {self.config.port}"):
-            for joint in self.config.torque_off_order:
-                self.arm.bus.disable_torque(joint, num_retry=2)
+            self._release()
         log.info("%s: torque off (%s)", self.id, ", ".join(self.config.torque_off_order))
 
     def reset(self, seed: int) -> None:
         """A new episode: the arm takes torque (if a stop turned it off) and the episode clock restarts."""
         self._require_connected()
         with _device_errors(self, f"arm on {self.config.port}"):
-            self.hold()
+            self._hold()
             self.arm.bus.enable_torque(num_retry=2)
         self._frames = 0
+
+    def _hold(self) -> None:
+        bus = self.arm.bus
+        bus.sync_write("Goal_Position", bus.sync_read("Present_Position", num_retry=self.arm.config.num_read_retries))
+
+    def _release(self) -> None:
+        self._hold()
+        for joint in self.config.torque_off_order:
+            self.arm.bus.disable_torque(joint, num_retry=2)
 
     def episode_status(self) -> EpisodeStatus:
         """On a bench an episode lasts `episode-seconds`; a person judges success, the arm does not."""
@@ -246,11 +271,8 @@ class SOArm(Robot):
         and turn the torque off in order; then close the port and the cameras, whatever fails."""
         if self.arm is not None:
             try:
-                bus = self.arm.bus
-                bus.port_handler.is_using = False  # an interrupted transaction leaves it set
-                bus.sync_write("Goal_Position", bus.sync_read("Present_Position"))
-                for joint in self.config.torque_off_order:
-                    bus.disable_torque(joint)
+                self.arm.bus.port_handler.is_using = False  # an interrupted transaction leaves it set
+                self._release()
             except Exception:  # noqa: BLE001  the port is gone: the motors cannot be told anything
                 pass
         for camera in self.cameras.values():
@@ -260,15 +282,7 @@ class SOArm(Robot):
                 pass
         self.cameras = {}
         if self.arm is not None:
-            try:
-                self.arm.bus.port_handler.closePort()
-            except Exception:  # noqa: BLE001
-                pass
-            self.arm = None
-
-    def _require_connected(self) -> None:
-        if self.arm is None:
-            raise HardwareFault(self.fault or f"{self.id} is not connected")
+            self._close_port()
 
 
 def _joint_limits(arm: SOFollower) -> tuple[np.ndarray, np.ndarray]:
@@ -294,7 +308,7 @@ class SOLeaderArmConfig(TeleoperatorConfig):
     port: str = "/dev/ttyACM1"
 
 
-class SOLeaderArm(Teleoperator):
+class SOLeaderArm(_ArmDevice, Teleoperator):
     """A leader arm a person moves; its joint positions are the follower's action."""
 
     config_class = SOLeaderArmConfig
@@ -315,14 +329,6 @@ class SOLeaderArm(Teleoperator):
     def feedback_features(self) -> dict:
         return {}
 
-    @property
-    def is_connected(self) -> bool:
-        return self.arm is not None
-
-    @property
-    def is_calibrated(self) -> bool:
-        return self.arm is not None and self.arm.is_calibrated
-
     def connect(self, calibrate: bool = True) -> None:
         _require_calibration(self, "teleop", self.config.arm_type, self.config.port)
         self.arm = _Leader(SOLeaderTeleopConfig(id=self.id, calibration_dir=self.calibration_dir,
@@ -331,9 +337,6 @@ class SOLeaderArm(Teleoperator):
             self.arm.connect(calibrate=True)
         self.fault = None
 
-    def calibrate(self) -> None:
-        """Calibration is lerobot-calibrate's job (see `_NoPromptCalibration`)."""
-
     def configure(self) -> None:
         """lerobot's SOLeader configures the motors (torque off) in `connect`."""
 
@@ -341,8 +344,7 @@ class SOLeaderArm(Teleoperator):
         """Nothing to prepare: the person moves the leader."""
 
     def get_action(self) -> dict[str, np.ndarray]:
-        if self.arm is None:
-            raise HardwareFault(self.fault or f"{self.id} is not connected")
+        self._require_connected()
         with _device_errors(self, f"leader arm on {self.config.port}"):
             joints = self.arm.get_action()
         return {ACTION_KEY: np.array([joints[name] for name in MOTOR_NAMES], dtype=np.float32)}
@@ -355,8 +357,4 @@ class SOLeaderArm(Teleoperator):
 
     def close_quietly(self) -> None:
         if self.arm is not None:
-            try:
-                self.arm.bus.port_handler.closePort()
-            except Exception:  # noqa: BLE001
-                pass
-            self.arm = None
+            self._close_port()
