@@ -3,6 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 export HF_HUB_OFFLINE := 1
 export SVT_LOG := 1
+export FLWR_TELEMETRY_ENABLED := 0
 
 .PHONY: sim test setup bench
 sim: setup

@@ -2,8 +2,10 @@
 
 Every message is answered from the robot's own dataset (`NodeSettings`); replies carry weights,
 summary statistics and metrics, never observations or actions. In deployment each message runs in a
-fresh process, so anything that must outlive a round (the optimizer, the step counter) is kept in
-Flower's `context.state`.
+fresh process, so what must outlive a round (the optimizer, the step counter) is kept on the robot's
+disk, under its output dir, for the current run. Not in Flower's `context.state`: that lives in the
+SuperNode's memory (lost when the agent restarts the SuperNode after a recording) and its 72 MB of
+Adam moments went through the SuperNode's runtime API twice a round.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import io
 import json
 import time
 import zlib
+from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -22,6 +25,7 @@ from agent.federation import note_round
 from agent.inbox import write_to_inbox
 from agent.node import NodeSettings
 from coordinator.config import RunConfig
+from fedbot.atomic_files import write_bytes_atomic
 from fedbot.evaluation import evaluate
 from fedbot.policy_io import LoadedPolicy
 from fedbot.presets import get_preset
@@ -30,6 +34,7 @@ from fedbot.transfer import load_weights, record_to_stats, stats_to_record, weig
 from hardware.pusht_sim import ACTION_KEY
 
 app = ClientApp()
+OPTIMIZER_DIR = "optimizer"  # under the robot's output dir: run-<run id>.pt
 
 
 def _settings(context: Context) -> tuple[RunConfig, NodeSettings]:
@@ -64,26 +69,30 @@ def dataset_stats(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    entered = time.time()
     run, node = _settings(context)
     config = msg.content["config"]
     dataset = open_dataset(node.dataset_root)
     loaded = global_policy(msg.content, run, dataset.meta.features)
     state = TrainState.create(loaded, run.local_steps, lr=run.lr)
-    _restore_optimizer(state, context)
+    _restore_optimizer(state, _optimizer_file(node, context))
     frames = InMemoryFrames(dataset, loaded.policy.config)
     penalty = _proximal_term(loaded.policy, float(config.get("proximal-mu", 0.0)))
     seed = zlib.crc32(f"{node.name}/{config.get('server-round', 0)}".encode())
-    started = time.perf_counter()
+    started = time.time()
     loss = state.train_steps(frames, run.local_steps, run.batch_size, torch.Generator().manual_seed(seed),
                              penalty=penalty)
-    train_seconds = time.perf_counter() - started
-    _save_optimizer(state, context)
-    metrics = MetricRecord({"num-examples": frames.num_frames, "train-loss": loss, "local-step": state.step,
-                            "train-seconds": train_seconds})
+    trained = time.time()
+    _save_optimizer(state, _optimizer_file(node, context))
+    arrays = weights_to_record(loaded.policy, run.weights_dtype)
     note_round(node.output_dir, {"run": context.run_id, "round": int(config.get("server-round", 0)),
                                  "episodes": dataset.meta.total_episodes, "time": time.time()})
-    return Message(RecordDict({"arrays": weights_to_record(loaded.policy, run.weights_dtype),
-                               "metrics": metrics}), reply_to=msg)
+    # Where the round's time goes (bench/bench_round_overhead.py): the message's way here (created_at
+    # is the coordinator's clock), setting up, training, and packing the reply.
+    metrics = MetricRecord({"num-examples": frames.num_frames, "train-loss": loss, "local-step": state.step,
+                            "inbound-seconds": entered - msg.metadata.created_at, "setup-seconds": started - entered,
+                            "train-seconds": trained - started, "pack-seconds": time.time() - trained})
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 
 def _proximal_term(policy: torch.nn.Module, mu: float):
@@ -98,16 +107,24 @@ def _proximal_term(policy: torch.nn.Module, mu: float):
     return penalty
 
 
-def _save_optimizer(state: TrainState, context: Context) -> None:
+def _optimizer_file(node: NodeSettings, context: Context) -> Path:
+    return node.output_dir / OPTIMIZER_DIR / f"run-{context.run_id}.pt"
+
+
+def _save_optimizer(state: TrainState, path: Path) -> None:
+    """Keep the optimizer and step counter of this run on the robot's disk; earlier runs' go."""
     buffer = io.BytesIO()
-    torch.save(state.optimizer.state_dict(), buffer)
-    context.state["optimizer"] = ConfigRecord({"state": buffer.getvalue(), "step": state.step})
+    torch.save({"optimizer": state.optimizer.state_dict(), "step": state.step}, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
+    for old in path.parent.glob("run-*.pt"):
+        if old != path:
+            old.unlink()
 
 
-def _restore_optimizer(state: TrainState, context: Context) -> None:
-    if "optimizer" in context.state:
-        saved = context.state["optimizer"]
-        state.optimizer.load_state_dict(torch.load(io.BytesIO(saved["state"]), weights_only=True))
+def _restore_optimizer(state: TrainState, path: Path) -> None:
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        state.optimizer.load_state_dict(saved["optimizer"])
         state.step = int(saved["step"])
 
 

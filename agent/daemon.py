@@ -36,7 +36,7 @@ from agent.models import CheckRules, ModelRejected, ModelStore, check_model, rea
 from agent.supernode import SuperNodeSettings
 from fedbot import service
 from fedbot.episode_store import committed_episodes
-from fedbot.evaluation import write_json_atomic
+from fedbot.atomic_files import write_json_atomic
 from fedbot.policy_io import load_policy
 from fedbot.recording import EVAL_SEED_START, check_recording_seeds, open_store, record_episodes
 from hardware.errors import HardwareFault

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from agent.inbox import MANIFEST, WEIGHTS, sha256_file
-from fedbot.evaluation import evaluate, write_json_atomic
+from fedbot.atomic_files import write_json_atomic
+from fedbot.evaluation import evaluate
 from fedbot.policy_io import LoadedPolicy, load_policy
 from fedbot.scenes import EVAL_SEED_START
 

@@ -16,11 +16,19 @@ from pathlib import Path
 
 BIN = Path(sys.executable).parent  # flower-supernode and flower-superexec live beside python
 
-# torch's OpenMP threads spin while they wait. Where a ClientApp or the ServerApp shares the cores
-# (the robot's control loop, another ClientApp, the sim evaluation), spinning threads slow everyone
-# down many times over; passive waiting costs little when the process has the cores to itself.
-CPU_SHARING = {"OMP_WAIT_POLICY": "PASSIVE"}
-
+# The environment of every Flower process fedbot starts (SuperLink, SuperNode, ClientApps, `flwr`).
+FLOWER_ENVIRONMENT = {
+    # torch's OpenMP threads spin while they wait. Where a ClientApp or the ServerApp shares the
+    # cores (the robot's control loop, another ClientApp, the sim evaluation), spinning threads slow
+    # everyone down many times over; passive waiting costs little when the process has the cores.
+    "OMP_WAIT_POLICY": "PASSIVE",
+    # Flower reports usage events to telemetry.flower.ai by default, and a ClientApp's exit waits up
+    # to 4 s for that report. A robot talks to its coordinator only.
+    "FLWR_TELEMETRY_ENABLED": "0",
+    # How often the SuperNode's SuperExec looks for a message to start a ClientApp for (Flower's
+    # default 1 s, a local HTTP call each time).
+    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
+}
 
 @dataclass(frozen=True)
 class SuperNodeSettings:
@@ -54,4 +62,4 @@ class SuperNodeSettings:
 
     def environment(self, flwr_home: Path) -> dict[str, str]:
         path = f"{BIN}:{os.environ.get('PATH', '')}"
-        return {**os.environ, **CPU_SHARING, "FLWR_HOME": str(flwr_home), "PATH": path}
+        return {**os.environ, **FLOWER_ENVIRONMENT, "FLWR_HOME": str(flwr_home), "PATH": path}

@@ -1,11 +1,16 @@
-"""Helpers shared by the benchmarks: machine description and expert datasets."""
+"""Helpers shared by the benchmarks: machine description, expert datasets, a localhost federation."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import shutil
+import socket
+import subprocess
 from pathlib import Path
 
+from agent.supernode import BIN, SuperNodeSettings
 from fedbot.recording import open_store, record_episodes
 from hardware.pusht_expert import PushTExpert, PushTExpertConfig
 from hardware.pusht_sim import PushTSim, PushTSimConfig
@@ -32,3 +37,41 @@ def expert_dataset(root: Path, episodes: int, style: str = "default", seed_start
         store.close()
         robot.disconnect()
     return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_federation(work: Path, datasets: list[Path], run_config: str) -> list[dict]:
+    """A real localhost deployment: `fedbot-coordinator` (its SuperLink) and one SuperNode per dataset,
+    started as the agent starts them. Returns the run's metrics.jsonl rows."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    coordinator = subprocess.Popen(
+        [str(BIN / "fedbot-coordinator"), "run", "--state-dir", str(work / "coordinator"), "--port", str(port),
+         "--output-dir", str(work / "outputs"), "--run-config", run_config],
+        stdout=open(work / "coordinator.log", "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    robots = []
+    for i, dataset in enumerate(datasets):
+        settings = SuperNodeSettings(superlink=f"127.0.0.1:{port}", dataset_root=dataset,
+                                     model_inbox=work / f"robot{i}-inbox", output_dir=work / f"robot{i}-outputs",
+                                     robot_id=f"robot{i}", port=free_port())
+        robots.append(subprocess.Popen(
+            settings.command(), stdout=open(work / f"robot{i}.log", "w"), stderr=subprocess.STDOUT,
+            env={**env, **settings.environment(work / f"robot{i}")}, start_new_session=True))
+    try:
+        if coordinator.wait(timeout=3600) != 0:
+            raise RuntimeError(f"the coordinator failed; see {work / 'coordinator.log'}")
+    finally:
+        for process in [coordinator, *robots]:
+            try:
+                os.killpg(process.pid, 15)
+            except ProcessLookupError:
+                pass
+    (run_dir,) = (work / "outputs").iterdir()
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

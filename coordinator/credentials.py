@@ -16,7 +16,6 @@ written atomically and private keys are readable by their owner only.
 from __future__ import annotations
 
 import ipaddress
-import os
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -25,20 +24,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from fedbot.atomic_files import write_bytes_atomic
+
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
 SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
 ROBOTS_DIR = "robots"
 VALID_DAYS = 825
-
-
-def _write(path: Path, data: bytes, private: bool = False) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _pem_key(key) -> bytes:
@@ -73,8 +64,8 @@ def ensure_ca(out: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         return x509.load_pem_x509_certificate((out / CA_CERT).read_bytes()), key
     key = ec.generate_private_key(ec.SECP384R1())
     cert = _certificate("fedbot federation CA", key.public_key(), None, key, ca=True)
-    _write(out / CA_KEY, _pem_key(key), private=True)
-    _write(out / CA_CERT, cert.public_bytes(serialization.Encoding.PEM))
+    write_bytes_atomic(out / CA_KEY, _pem_key(key), private=True)
+    write_bytes_atomic(out / CA_CERT, cert.public_bytes(serialization.Encoding.PEM))
     return cert, key
 
 
@@ -85,8 +76,8 @@ def make_server_certificate(out: Path, hosts: list[str]) -> Path:
     ca_cert, ca_key = ensure_ca(out)
     key = ec.generate_private_key(ec.SECP384R1())
     cert = _certificate(hosts[0], key.public_key(), ca_cert.subject, ca_key, ca=False, hosts=hosts)
-    _write(out / SERVER_KEY, _pem_key(key), private=True)
-    _write(out / SERVER_CERT, cert.public_bytes(serialization.Encoding.PEM))
+    write_bytes_atomic(out / SERVER_KEY, _pem_key(key), private=True)
+    write_bytes_atomic(out / SERVER_CERT, cert.public_bytes(serialization.Encoding.PEM))
     return out / SERVER_CERT
 
 
@@ -99,8 +90,8 @@ def ensure_robot_key(out: Path, robot: str) -> Path:
     private, public = directory / robot, directory / f"{robot}.pub"
     if not (private.exists() and public.exists()):
         key = ec.generate_private_key(ec.SECP384R1())
-        _write(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+        write_bytes_atomic(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                           serialization.NoEncryption()), private=True)
-        _write(public, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+        write_bytes_atomic(public, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                      serialization.PublicFormat.OpenSSH) + b"\n")
     return public

@@ -26,7 +26,7 @@ from safetensors.numpy import load_file, save_file
 
 from agent.inbox import MANIFEST, WEIGHTS, sha256_file
 from coordinator.config import RunConfig
-from fedbot.evaluation import write_json_atomic
+from fedbot.atomic_files import write_json_atomic
 from fedbot.policy_io import LoadedPolicy, save_policy
 
 log = logging.getLogger("fedbot.coordinator.registry")

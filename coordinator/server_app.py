@@ -19,6 +19,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from coordinator.config import RunConfig
 from coordinator.registry import RunDirectory
 from fedbot.evaluation import evaluate
+from fedbot.flower_pulls import retry_pulls_promptly
 from fedbot.policy_io import LoadedPolicy, load_policy
 from fedbot.presets import get_preset
 from fedbot.training import policy_from_stats
@@ -29,6 +30,7 @@ from fedbot.transfer import (
 log = logging.getLogger("fedbot.coordinator")
 app = ServerApp()
 NODE_WAIT_LOG_S = 10.0
+REPLY_POLL_S = 0.25
 
 
 def make_strategy(run: RunConfig):
@@ -65,9 +67,24 @@ def fit_to_live_nodes(strategy, run: RunConfig, nodes: list[int]) -> None:
     strategy.min_available_nodes = strategy.min_train_nodes = strategy.min_evaluate_nodes = live
 
 
+def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+    """`Grid.send_and_receive`, but polling for replies every REPLY_POLL_S instead of Flower's fixed
+    3 s: that sleep came on top of every exchange (bench/bench_round_overhead.py)."""
+    pending = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending and time.monotonic() < deadline:
+        arrived = list(grid.pull_messages(pending))
+        replies += arrived
+        pending -= {reply.metadata.reply_to_message_id for reply in arrived}
+        if pending:
+            time.sleep(REPLY_POLL_S)
+    return replies
+
+
 def exchange(grid: Grid, messages: list[Message], run: RunConfig, what: str, directory: RunDirectory):
     """Send, receive within the round timeout, log failures, audit what every robot sent back."""
-    replies = list(grid.send_and_receive(messages, timeout=run.round_timeout))
+    replies = send_and_receive(grid, messages, run.round_timeout)
     good = [r for r in replies if not r.has_error()]
     for reply in replies:
         if reply.has_error():
@@ -110,6 +127,7 @@ def main(grid: Grid, context: Context) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stdout, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("fedbot").setLevel(logging.INFO)
+    retry_pulls_promptly()
     run = RunConfig.from_run_config(context.run_config)
     directory = RunDirectory.open(run)
     resumed = directory.latest_model()
@@ -140,6 +158,7 @@ def main(grid: Grid, context: Context) -> None:
         log.info("round %d: training on %d robots", server_round, len(messages))
         exchange_started = time.monotonic()
         good, failed = exchange(grid, messages, run, f"round {server_round} training", directory)
+        exchange_seconds, phases = time.monotonic() - exchange_started, round_phases(good)
         received = sum(r.content["arrays"].count_bytes() for r in good)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, good)
         if new_arrays is None:
@@ -150,9 +169,7 @@ def main(grid: Grid, context: Context) -> None:
         row = {"round": server_round, "robots": len(good), "failed": failed,
                "train-loss": train_metrics.get("train-loss") if train_metrics else None,
                "bytes-sent": sent, "bytes-received": received,
-               # wall time of the training exchange, and the longest pure local training in it
-               "train-round-seconds": time.monotonic() - exchange_started,
-               "local-train-seconds": max((r.content["metrics"]["train-seconds"] for r in good), default=0.0)}
+               "train-round-seconds": exchange_seconds, **phases}
         if server_round % run.eval_every == 0 or server_round == run.num_server_rounds:
             row.update(evaluate_round(grid, run, strategy, server_round, arrays, stats_record, loaded, directory))
         row["seconds"] = time.monotonic() - started
@@ -165,6 +182,18 @@ def main(grid: Grid, context: Context) -> None:
     deploy(grid, run, directory, arrays, stats_record)
     directory.write_state(run, finished=True)
     log.info("run finished: %s", directory.root)
+
+
+def round_phases(replies: list[Message]) -> dict:
+    """Where a training exchange's wall time went, slowest robot per phase: the message's way to the
+    ClientApp, its setup, local training, packing the reply, and the reply's way back (its
+    `created_at` is the robot's clock; the split is exact only where both clocks agree)."""
+    if not replies:
+        return {}
+    phases = {f"{phase}-seconds": max(r.content["metrics"][f"{phase}-seconds"] for r in replies)
+              for phase in ("inbound", "setup", "train", "pack")}
+    phases["return-seconds"] = time.time() - max(r.metadata.created_at for r in replies)
+    return phases
 
 
 def evaluate_round(grid, run, strategy, server_round, arrays, stats_record, loaded: LoadedPolicy,

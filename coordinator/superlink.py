@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.supernode import CPU_SHARING
+from agent.supernode import FLOWER_ENVIRONMENT
 from coordinator.credentials import CA_CERT, SERVER_CERT, SERVER_KEY
 from fedbot.process_group import start_group, stop_group
 
@@ -82,7 +82,7 @@ class SuperLinkSettings:
 
     def environment(self) -> dict[str, str]:
         path = f"{BIN}:{os.environ.get('PATH', '')}"
-        return {**os.environ, **CPU_SHARING, "FLWR_HOME": str(self.flwr_home), "PATH": path}
+        return {**os.environ, **FLOWER_ENVIRONMENT, "FLWR_HOME": str(self.flwr_home), "PATH": path}
 
 
 class SuperLink:

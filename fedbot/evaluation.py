@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -13,6 +11,7 @@ from lerobot.utils.io_utils import write_video
 from rich.console import Console
 from rich.table import Table
 
+from fedbot.atomic_files import write_json_atomic
 from fedbot.policy_io import LoadedPolicy
 from fedbot.scenes import EVAL_SEED_START
 from hardware.pusht_sim import ACTION_KEY, PushTSim, PushTSimConfig
@@ -106,17 +105,6 @@ def evaluate(
     if out is not None:
         write_json_atomic(Path(out) / "eval.json", asdict(report))
     return report
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON through a temporary file, fsync and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def print_report(report: EvalReport) -> None:

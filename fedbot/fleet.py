@@ -30,7 +30,7 @@ from rich.table import Table
 
 from agent.control_api import request
 from agent.supernode import BIN
-from fedbot.evaluation import write_json_atomic
+from fedbot.atomic_files import write_json_atomic
 from fedbot.scenes import EVAL_SEED_START
 
 STARTUP_TIMEOUT = 300.0

@@ -1,11 +1,22 @@
 """What crosses the network in a federation: model weights and dataset summary statistics.
 
-Weights travel as a Flower `ArrayRecord` of the policy's trainable parameters only, in float32 or
-float16 (numpy has no bfloat16; Flower serializes arrays with numpy). Statistics travel as an
-`ArrayRecord` of lerobot's per-feature stats (count, mean, std, min, max): summaries, never frames.
+Weights travel as a Flower `ArrayRecord` holding one flat vector of the policy's trainable
+parameters, in float32 or float16 (numpy has no bfloat16; Flower serializes arrays with numpy).
+One vector, not an array per parameter: Flower moves every array as objects of its own, and the
+SuperLink stores each object in its database in several transactions. With the ~160 parameters of a
+DiffusionPolicy that was ~12 s of SuperLink CPU each way per round on 2 cores; one vector is a
+handful of 5 MB chunks (bench/bench_round_overhead.py, BENCHMARKS.md). FedAvg, FedProx and FedAdam
+work element by element, so they aggregate the vector as they would the arrays. The vector's key
+names the parameter layout (names and shapes), so weights never load into a different model.
+
+Statistics travel as an `ArrayRecord` of lerobot's per-feature stats (count, mean, std, min, max):
+summaries, never frames.
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
 
 import numpy as np
 import torch
@@ -18,36 +29,43 @@ SHARED_STATS = ("count", "mean", "std", "min", "max")
 STATS_SEPARATOR = "::"
 
 
+def trainable_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(name, param) for name, param in module.named_parameters() if param.requires_grad]
+
+
+def weights_key(module: torch.nn.Module) -> str:
+    """The record key of the module's weights: "parameters-" and a digest of their names and shapes."""
+    layout = [(name, list(param.shape)) for name, param in trainable_parameters(module)]
+    return "parameters-" + hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:16]
+
+
 def weights_to_record(module: torch.nn.Module, dtype: str = "float32") -> ArrayRecord:
-    """The module's trainable parameters as an ArrayRecord in the transfer dtype."""
+    """The module's trainable parameters as one flat vector in the transfer dtype."""
     try:
         np_dtype = WEIGHT_DTYPES[dtype]
     except KeyError:
         raise ValueError(f"weights dtype {dtype!r} is not one of {sorted(WEIGHT_DTYPES)}") from None
-    return ArrayRecord(
-        {
-            name: Array(param.detach().cpu().float().numpy().astype(np_dtype))
-            for name, param in module.named_parameters()
-            if param.requires_grad
-        }
-    )
+    with torch.no_grad():
+        flat = torch.cat([param.detach().reshape(-1).float().cpu() for _, param in trainable_parameters(module)])
+    return ArrayRecord({weights_key(module): Array(flat.numpy().astype(np_dtype))})
 
 
 def load_weights(module: torch.nn.Module, record: ArrayRecord) -> None:
-    """Copy an ArrayRecord's arrays into the module's parameters (cast back to their dtype).
+    """Copy a weights record into the module's parameters (cast back to their dtype).
 
-    Strict: every trainable parameter must be present with its shape, and nothing else.
+    Strict: the record must hold exactly this module's parameter layout, every value of it.
     """
-    params = {name: p for name, p in module.named_parameters() if p.requires_grad}
-    if set(record) != set(params):
-        missing, extra = sorted(set(params) - set(record)), sorted(set(record) - set(params))
-        raise ValueError(f"weights do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    key, params = weights_key(module), trainable_parameters(module)
+    if list(record) != [key]:
+        raise ValueError(f"weights do not match the model: the record holds {list(record)[:3]}, "
+                         f"this model's parameter layout is {key}")
+    flat = torch.from_numpy(np.asarray(record[key].numpy(), dtype=np.float32))
+    total = sum(param.numel() for _, param in params)
+    if flat.shape != (total,):
+        raise ValueError(f"{key}: {tuple(flat.shape)} values, the model has {total} parameters")
     with torch.no_grad():
-        for name, param in params.items():
-            value = torch.from_numpy(np.asarray(record[name].numpy(), dtype=np.float32))
-            if value.shape != param.shape:
-                raise ValueError(f"{name}: shape {tuple(value.shape)} != model {tuple(param.shape)}")
-            param.copy_(value.to(param.dtype))
+        for (_, param), values in zip(params, flat.split([param.numel() for _, param in params]), strict=True):
+            param.copy_(values.view_as(param).to(param.dtype))
 
 
 def stats_to_record(stats: dict[str, dict[str, np.ndarray]], keys: list[str]) -> ArrayRecord:

@@ -10,8 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from agent.inbox import sha256_file
+from agent.supernode import FLOWER_ENVIRONMENT
 from fedbot.policy_io import load_policy
 from helpers import assert_replies_hold_no_data, record_wander
 from processes import free_port
@@ -42,7 +44,8 @@ def superlink(tmp_path):
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "sim"\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
-    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, **FLOWER_ENVIRONMENT, "FLWR_HOME": str(home), "PATH": f"{BIN}:{os.environ['PATH']}",
+           "HF_HUB_OFFLINE": "1"}
     log = open(tmp_path / "superlink.log", "w")
     process = subprocess.Popen(
         [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--disable-runtime-dependency-installation",
@@ -91,4 +94,7 @@ def test_two_robots_federate_evaluate_and_receive_the_model(tmp_path, superlink)
         assert manifest["sha256"] == final["sha256"] == sha256_file(deployed / "model.safetensors")
         load_policy(deployed, device="cpu")
         assert list((fleet / f"robot{robot}-outputs" / "evaluate" / "round_2").glob("rollout_*.mp4"))
+        # the optimizer and step counter outlived round 1 on the robot's disk: 2 rounds x 2 local steps
+        (optimizer,) = (fleet / f"robot{robot}-outputs" / "optimizer").iterdir()
+        assert torch.load(optimizer, weights_only=True)["step"] == 4
     assert_replies_hold_no_data(run_dir, fleet / "robot0", evaluation=True)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from flwr.app import Array, ArrayRecord
 
 from fedbot.transfer import (
     aggregate_node_stats, load_weights, record_to_stats, stats_to_record, weights_to_record,
@@ -34,11 +35,22 @@ def test_half_precision_halves_the_bytes():
     assert full > 4 * params and half < 0.6 * full
 
 
+def test_weights_travel_as_one_vector():
+    module = make_module()
+    record = weights_to_record(module, "float16")
+    (array,) = record.values()
+    assert array.shape == (sum(p.numel() for p in module.parameters()),)
+
+
 def test_loading_is_strict():
     record = weights_to_record(make_module())
-    del record["0.weight"]
-    with pytest.raises(ValueError, match="missing"):
-        load_weights(make_module(), record)
+    other = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GroupNorm(4, 16), torch.nn.Linear(16, 3))
+    with pytest.raises(ValueError, match="do not match the model"):
+        load_weights(other, record)
+    (key,) = record
+    truncated = ArrayRecord({key: Array(record[key].numpy()[:-1])})
+    with pytest.raises(ValueError, match="the model has"):
+        load_weights(make_module(), truncated)
     with pytest.raises(ValueError, match="not one of"):
         weights_to_record(make_module(), "bfloat16")
 
