@@ -9,8 +9,7 @@ the place of its SuperExec: Flower's own SuperExec loop (`run_superexec`), with 
 executor. Instead of starting `flwr-clientapp` from scratch, it forks each ClientApp from a fork
 server that imported those libraries once. The ClientApp itself runs Flower's `run_clientapp`
 unchanged, and loads the ClientApp's code (agent/, fedbot/, ...) from the run's FAB as Flower does:
-only third-party libraries are preloaded. The SuperNode and the ClientApps retry object pulls
-promptly (fedbot/flower_pulls.py).
+only third-party libraries are preloaded.
 
 It exits with the SuperNode's exit code when the SuperNode exits. It and everything it starts are
 in the SuperNode's process group (agent/federation.py stops them together).
@@ -33,7 +32,6 @@ from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResult
 from flwr.supercore.tls import validate_and_resolve_root_certificates
 from flwr.supernode.runtime.run_clientapp import run_clientapp
 
-from fedbot.flower_pulls import retry_pulls_promptly
 from fedbot.process_group import die_with_parent
 
 # What every fedbot ClientApp imports, and which takes the time: imported once, in the fork server.
@@ -48,11 +46,6 @@ PRELOAD = [
 ]
 
 
-def _run_clientapp(**kwargs) -> None:
-    retry_pulls_promptly()
-    run_clientapp(**kwargs)
-
-
 class ForkServerExecutor(SubprocessExecutor):
     """Flower's subprocess executor, except that ClientApps are forked from the warm fork server."""
 
@@ -63,7 +56,7 @@ class ForkServerExecutor(SubprocessExecutor):
         if spec.task_type != TaskType.CLIENT_APP:
             return super().launch(spec)
         certificates = validate_and_resolve_root_certificates(spec.root_certificates_path, spec.insecure)
-        self.context.Process(target=_run_clientapp, name=f"clientapp-{spec.task_id}", kwargs={
+        self.context.Process(target=run_clientapp, name=f"clientapp-{spec.task_id}", kwargs={
             "runtime_api_address": spec.runtime_api_address, "token": spec.token, "insecure": spec.insecure,
             "certificates": certificates, "parent_pid": spec.parent_pid,
             "runtime_dependency_install": spec.runtime_dependency_install}).start()
@@ -79,8 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("supernode", nargs=argparse.REMAINDER, help="-- and the flower-supernode command")
     args = parser.parse_args(argv)
     command = args.supernode[1:] if args.supernode[:1] == ["--"] else args.supernode
-    supernode = subprocess.Popen([sys.executable, "-m", "fedbot.flower_pulls", *command, "--isolation", "process"],
-                                 preexec_fn=die_with_parent)
+    supernode = subprocess.Popen([*command, "--isolation", "process"], preexec_fn=die_with_parent)
 
     def follow_supernode() -> None:
         code = supernode.wait()

@@ -19,7 +19,6 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from coordinator.config import RunConfig
 from coordinator.registry import RunDirectory
 from fedbot.evaluation import evaluate
-from fedbot.flower_pulls import retry_pulls_promptly
 from fedbot.policy_io import LoadedPolicy, load_policy
 from fedbot.presets import get_preset
 from fedbot.training import policy_from_stats
@@ -127,7 +126,6 @@ def main(grid: Grid, context: Context) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stdout, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("fedbot").setLevel(logging.INFO)
-    retry_pulls_promptly()
     run = RunConfig.from_run_config(context.run_config)
     directory = RunDirectory.open(run)
     resumed = directory.latest_model()
