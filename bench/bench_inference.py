@@ -1,6 +1,6 @@
 """Action-chunk inference latency per preset on one CPU core.
 
-    .venv/bin/python bench/bench_inference.py [--repeats 20]
+    .venv/bin/python bench/bench_inference.py [--repeats 20] [--presets pusht-state] [--set kernel_size=3 ...]
 """
 
 from __future__ import annotations
@@ -19,30 +19,22 @@ from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy  # noq
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from bench.common import machine  # noqa: E402
+from bench.common import machine, preset_features, preset_with  # noqa: E402
 from fedbot.presets import PRESETS  # noqa: E402
-from fedbot.recording import dataset_features  # noqa: E402
-from hardware.pusht_sim import PushTSim, PushTSimConfig  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--presets", nargs="*", default=sorted(PRESETS))
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=JSON", help="change preset fields for a trial")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    pusht = dataset_features(PushTSim(PushTSimConfig(id="bench")))
-    video = ["height", "width", "channels"]
-    arm = {  # an SO arm with one 640x480 camera (hardware/so_arm.py names)
-        "observation.state": {"dtype": "float32", "shape": (6,), "names": None},
-        "observation.images.front": {"dtype": "video", "shape": (480, 640, 3), "names": video},
-        "action": {"dtype": "float32", "shape": (6,), "names": None},
-    }
     table = Table(title=f"action-chunk latency, 1 thread, {machine()}")
     for column in ("preset", "params", "denoising steps", "median ms", "p90 ms", "ms per action"):
         table.add_column(column, justify="right")
     for name in args.presets:
-        config = PRESETS[name].make_config(arm if name.startswith("so-arm") else pusht, device="cpu")
+        config = preset_with(name, args.set).make_config(preset_features(name), device="cpu")
         policy = DiffusionPolicy(config).eval()
         observation = {key: torch.rand(1, *feature.shape) for key, feature in config.input_features.items()}
         repeats = args.repeats if name == "pusht-state" else max(3, args.repeats // 5)
@@ -56,7 +48,8 @@ def main() -> None:
                     times.append((time.perf_counter() - start) * 1000)
         median = statistics.median(times)
         table.add_row(
-            name, f"{sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M", str(config.num_inference_steps),
+            " ".join([name, *args.set]), f"{sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M",
+            str(config.num_inference_steps),
             f"{median:.0f}", f"{statistics.quantiles(times, n=10)[-1]:.0f}", f"{median / config.n_action_steps:.1f}",
         )
     Console().print(table)

@@ -1,10 +1,11 @@
-"""Learning curve of the `pusht-state` preset on the CPU, from sim-operator demonstrations.
+"""Learning curve of a preset (default `pusht-state`) on the CPU, from sim-operator demonstrations.
 
 Records expert demonstrations (recording seeds), trains with `fedbot.training.train`, and evaluates
 every saved checkpoint on held-out seeds. Prints success rate and mean max coverage against
 training steps and training wall time.
 
     .venv/bin/python bench/bench_learning_curve.py [--episodes 100] [--steps 12000] [--every 2000] [--eval 50]
+        [--preset pusht-state] [--set kernel_size=3 ...]   # --set: DiffusionConfig fields to try, values in JSON
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from bench.common import expert_dataset, machine  # noqa: E402
+from bench.common import expert_dataset, machine, preset_with  # noqa: E402
 from fedbot.evaluation import evaluate  # noqa: E402
 from fedbot.policy_io import load_policy  # noqa: E402
-from fedbot.presets import get_preset  # noqa: E402
 from fedbot.training import CHECKPOINTS_DIR, PRETRAINED_DIR, RUN_FILE, open_dataset, train  # noqa: E402
 
 
@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12000)
     parser.add_argument("--every", type=int, default=2000)
     parser.add_argument("--eval", type=int, default=50)
+    parser.add_argument("--preset", default="pusht-state")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=JSON", help="change preset fields for a trial")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "fedbot-bench")
     args = parser.parse_args()
 
@@ -42,20 +44,21 @@ def main() -> None:
     dataset = expert_dataset(args.work / f"curve-data-{args.episodes}", args.episodes)
     record_s = time.perf_counter() - start
     frames = open_dataset(dataset).meta.total_frames
+    preset = preset_with(args.preset, args.set)
     out = args.work / "curve-run"
     shutil.rmtree(out, ignore_errors=True)
 
     # One run (one cosine schedule); a checkpoint's wall time is when its run file was written.
     start = time.time()
-    train(dataset, get_preset("pusht-state"), args.steps, out, save_every=args.every,
+    train(dataset, preset, args.steps, out, save_every=args.every,
           keep_checkpoints=10_000, show_progress=False)
     walls = {
         int(path.name): (path / RUN_FILE).stat().st_mtime - start
         for path in sorted((out / CHECKPOINTS_DIR).iterdir()) if path.name.isdigit()
     }
 
-    table = Table(title=f"pusht-state learning curve: {args.episodes} demonstrations ({frames} frames), "
-                        f"{args.eval} held-out seeds, {machine()}")
+    table = Table(title=f"{' '.join([args.preset, *args.set])} learning curve: {args.episodes} demonstrations "
+                        f"({frames} frames), {args.eval} held-out seeds, {machine()}")
     for column in ("steps", "train wall time", "success rate", "mean max coverage"):
         table.add_column(column, justify="right")
     rows = []

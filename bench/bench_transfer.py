@@ -1,7 +1,7 @@
 """Bytes one robot sends per round: the seed's fp32 full state dict versus fedbot's transfer.
 
 The Flower quickstart-lerobot example ships every state-dict entry (parameters and buffers) in fp32.
-fedbot ships trainable parameters only, in the run's `weights-dtype`. Sizes are Flower's own
+fedbot ships trainable parameters only, as one vector in the run's `weights-dtype`. Sizes are Flower's own
 `ArrayRecord.count_bytes()` (serialized arrays plus keys), per preset.
 
     .venv/bin/python bench/bench_transfer.py
@@ -19,20 +19,17 @@ from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy  # noq
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from bench.common import machine  # noqa: E402
+from bench.common import machine, preset_features  # noqa: E402
 from fedbot.presets import PRESETS  # noqa: E402
-from fedbot.recording import dataset_features  # noqa: E402
 from fedbot.transfer import weights_to_record  # noqa: E402
-from hardware.pusht_sim import PushTSim, PushTSimConfig  # noqa: E402
 
 
 def main() -> None:
-    features = dataset_features(PushTSim(PushTSimConfig(id="bench")))
     table = Table(title=f"bytes per robot per round (one direction), {machine()}")
     for column in ("preset", "seed: fp32 state dict", "fedbot float32", "fedbot float16", "float16 / seed"):
         table.add_column(column, justify="right")
     for name, preset in PRESETS.items():
-        policy = DiffusionPolicy(preset.make_config(features, device="cpu"))
+        policy = DiffusionPolicy(preset.make_config(preset_features(name), device="cpu"))
         seed = ArrayRecord(policy.state_dict()).count_bytes()
         fp32 = weights_to_record(policy, "float32").count_bytes()
         fp16 = weights_to_record(policy, "float16").count_bytes()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -11,7 +12,8 @@ import subprocess
 from pathlib import Path
 
 from agent.supernode import BIN, SuperNodeSettings
-from fedbot.recording import open_store, record_episodes
+from fedbot.presets import Preset, get_preset
+from fedbot.recording import dataset_features, open_store, record_episodes
 from hardware.pusht_expert import PushTExpert, PushTExpertConfig
 from hardware.pusht_sim import PushTSim, PushTSimConfig
 
@@ -19,6 +21,29 @@ from hardware.pusht_sim import PushTSim, PushTSimConfig
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     return f"{os.cpu_count()} cores ({cpu}), {platform.python_version()}"
+
+
+def preset_features(name: str) -> dict:
+    """Dataset features to build a preset's policy for: the PushT sim's, or an SO arm with one
+    640x480 camera (hardware/so_arm.py names) for the so-arm presets."""
+    if name.startswith("so-arm"):
+        return {"observation.state": {"dtype": "float32", "shape": (6,), "names": None},
+                "observation.images.front": {"dtype": "video", "shape": (480, 640, 3),
+                                             "names": ["height", "width", "channels"]},
+                "action": {"dtype": "float32", "shape": (6,), "names": None}}
+    return dataset_features(PushTSim(PushTSimConfig(id="bench")))
+
+
+def preset_with(name: str, settings: list[str]) -> Preset:
+    """A preset with DiffusionConfig fields changed for a trial: ["kernel_size=3", "down_dims=[48,96,192]"]
+    (values in JSON). Lists become tuples, as the presets write them."""
+    changes = {}
+    for setting in settings:
+        key, value = setting.split("=", 1)
+        parsed = json.loads(value)
+        changes[key] = tuple(parsed) if isinstance(parsed, list) else parsed
+    preset = get_preset(name)
+    return dataclasses.replace(preset, config={**preset.config, **changes}) if changes else preset
 
 
 def expert_dataset(root: Path, episodes: int, style: str = "default", seed_start: int = 0) -> Path:
