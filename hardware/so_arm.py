@@ -41,6 +41,32 @@ from hardware.errors import CalibrationMissing, HardwareFault
 from hardware.pusht_sim import ACTION_KEY, STATE_KEY, EpisodeStatus
 
 log = logging.getLogger("fedbot.hardware")
+# What lerobot's ensure_safe_goal_position logs, through the root logger, for every action it limits.
+STEP_LIMIT_WARNING = "Relative goal position magnitude had to be clamped"
+
+
+class StepLimitCount(logging.Filter):
+    """Counts lerobot's "goal position had to be clamped" warnings instead of passing them on.
+
+    lerobot logs one (with every joint's goals) for each action max-relative-target limits: at 30 Hz
+    a policy that asks for fast moves fills the journal with 30 a second. The arm reports a count per
+    episode instead (SOArm.reset, SOArm.disconnect).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith(STEP_LIMIT_WARNING):
+            self.count += 1
+            return False
+        return True
+
+    def report(self, arm_id: str, max_step: float) -> None:
+        if self.count:
+            log.info("%s: max-relative-target (%s) limited %d actions", arm_id, max_step, self.count)
+        self.count = 0
 FOLLOWER_TYPES = ("so100_follower", "so101_follower")
 LEADER_TYPES = ("so100_leader", "so101_leader")
 JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper")
@@ -160,6 +186,7 @@ class SOArm(_ArmDevice, Robot):
         self.cameras = {}
         self.fault: str | None = None
         self.limits: tuple[np.ndarray, np.ndarray] | None = None
+        self.step_limits = StepLimitCount()
         self._frames = 0
 
     @cached_property
@@ -191,6 +218,7 @@ class SOArm(_ArmDevice, Robot):
                 camera.connect()
                 self.cameras[name] = camera
         self.fault = None
+        logging.getLogger().addFilter(self.step_limits)
         log.info("%s connected on %s with %d cameras", self.id, self.config.port, len(self.cameras))
 
     def _connect_arm(self) -> None:
@@ -245,6 +273,7 @@ class SOArm(_ArmDevice, Robot):
             self._hold()
             self.arm.bus.enable_torque(num_retry=2)
         self._frames = 0
+        self.step_limits.report(self.id, self.config.max_relative_target)
 
     def _hold(self) -> None:
         bus = self.arm.bus
@@ -265,6 +294,8 @@ class SOArm(_ArmDevice, Robot):
         if self.arm is not None:
             self.close_quietly()
             log.info("%s disconnected (torque off: %s)", self.id, ", ".join(self.config.torque_off_order))
+        self.step_limits.report(self.id, self.config.max_relative_target)
+        logging.getLogger().removeFilter(self.step_limits)
 
     def close_quietly(self) -> None:
         """After a fault: if the bus still answers (a camera failed, or the arm's port hiccuped), hold

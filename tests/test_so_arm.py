@@ -3,6 +3,8 @@ and a camera fed from a video file through OpenCV."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from arm_bench import RANGE, frame_index, waving_hand, write_calibration, write_video
@@ -12,6 +14,7 @@ from hardware.errors import CalibrationMissing, HardwareFault
 from hardware.factory import make_robot, make_teleop
 from hardware.feetech_emulator import EmulatedBus
 from hardware.pusht_sim import ACTION_KEY, STATE_KEY
+from hardware.so_arm import STEP_LIMIT_WARNING
 
 MAX_STEP_DEGREES = 10.0
 DEGREES_PER_STEP = 360 / 4095
@@ -62,8 +65,9 @@ def test_a_missing_calibration_names_the_command_and_leaves_the_port_alone(bench
         leader.connect()
 
 
-def test_actions_stay_within_the_joint_range_and_the_step_limit(bench):
+def test_actions_stay_within_the_joint_range_and_the_step_limit(bench, caplog):
     tmp_path, follower, _ = bench
+    caplog.set_level(logging.INFO)
     for servo in follower.servos.values():
         servo.position = RANGE[1] - 50  # near the top of every joint's range
     arm = _arm(tmp_path)
@@ -86,6 +90,9 @@ def test_actions_stay_within_the_joint_range_and_the_step_limit(bench):
         if servo != 6:  # the gripper's limit is in percent of its range, not degrees
             assert present - goal <= max_step
     arm.disconnect()
+    # lerobot's warning for each limited action is counted, not logged 10 times
+    assert not [r for r in caplog.records if r.getMessage().startswith(STEP_LIMIT_WARNING)]
+    assert "max-relative-target (10.0) limited 5 actions" in caplog.text  # the 5 steps down
 
 
 def test_hold_and_an_ordered_torque_off(bench):
