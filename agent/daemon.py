@@ -331,10 +331,8 @@ class Agent:
             blockers.append("no episodes recorded")
         elif new < rules.min_new_episodes:
             blockers.append(f"{new} new episodes since the last round, {rules.min_new_episodes} needed")
-        start, end = rules.hours
-        hour = datetime.now().hour
-        if not (start <= hour < end if start <= end else hour >= start or hour < end):
-            blockers.append(f"outside the allowed hours {start}-{end}")
+        if not within_hours(datetime.now().hour, rules.hours):
+            blockers.append(f"outside the allowed hours {rules.hours[0]}-{rules.hours[1]}")
         quiet = time.monotonic() - self._quiet_since
         if quiet < rules.cooldown_seconds:
             blockers.append(f"cooling down ({rules.cooldown_seconds - quiet:.0f} s left)")
@@ -444,3 +442,9 @@ def _positive(request: dict, key: str) -> int:
 
 def _read_json(path: Path, default):
     return json.loads(path.read_text()) if path.is_file() else default
+
+
+def within_hours(hour: int, hours: list[int]) -> bool:
+    """Whether `hour` (0-23) lies in the idle rule's [start, end); start > end spans midnight (22-6)."""
+    start, end = hours
+    return start <= hour < end if start <= end else hour >= start or hour < end

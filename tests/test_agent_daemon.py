@@ -18,6 +18,7 @@ from processes import Followed, NotifySocket, free_port, group_alive, kill_group
 from test_agent_models import _flip_bytes, _nan, _truncate, _wrong_shape
 
 from agent.control_api import request
+from agent.daemon import within_hours
 from agent.main import main as agent_main
 from coordinator.superlink import BIN
 from fedbot.episode_store import committed_episodes
@@ -52,6 +53,17 @@ def fedbot(directory: Path, *args: str) -> str:
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
+
+
+@pytest.mark.parametrize(("hours", "inside", "outside"), [
+    ([0, 24], range(24), []),
+    ([9, 17], range(9, 17), [8, 17, 23, 0]),
+    ([22, 6], [22, 23, 0, 5], [6, 12, 21]),  # across midnight
+    ([5, 5], [], [4, 5, 6]),
+])
+def test_allowed_hours(hours, inside, outside):
+    assert all(within_hours(hour, hours) for hour in inside)
+    assert not any(within_hours(hour, hours) for hour in outside)
 
 
 def test_bad_config_names_the_key_and_the_file(tmp_path, capsys):
