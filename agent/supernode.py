@@ -30,6 +30,7 @@ FLOWER_ENVIRONMENT = {
     "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
 }
 
+
 @dataclass(frozen=True)
 class SuperNodeSettings:
     superlink: str  # host:port of the coordinator's SuperLink

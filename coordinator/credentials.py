@@ -91,7 +91,7 @@ def ensure_robot_key(out: Path, robot: str) -> Path:
     if not (private.exists() and public.exists()):
         key = ec.generate_private_key(ec.SECP384R1())
         write_bytes_atomic(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                          serialization.NoEncryption()), private=True)
+                                                      serialization.NoEncryption()), private=True)
         write_bytes_atomic(public, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                     serialization.PublicFormat.OpenSSH) + b"\n")
+                                                                 serialization.PublicFormat.OpenSSH) + b"\n")
     return public

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 from lerobot.datasets.compute_stats import aggregate_stats
+from torch.nn.utils import parameters_to_vector
 
 WEIGHT_DTYPES = {"float32": np.float32, "float16": np.float16}
 # Summary statistics a node shares: enough for lerobot's aggregate_stats and the normalizers.
@@ -46,26 +47,26 @@ def weights_to_record(module: torch.nn.Module, dtype: str = "float32") -> ArrayR
     except KeyError:
         raise ValueError(f"weights dtype {dtype!r} is not one of {sorted(WEIGHT_DTYPES)}") from None
     with torch.no_grad():
-        flat = torch.cat([param.detach().reshape(-1).float().cpu() for _, param in trainable_parameters(module)])
-    return ArrayRecord({weights_key(module): Array(flat.numpy().astype(np_dtype))})
+        flat = parameters_to_vector([param for _, param in trainable_parameters(module)])
+    return ArrayRecord({weights_key(module): Array(flat.float().cpu().numpy().astype(np_dtype))})
 
 
 def load_weights(module: torch.nn.Module, record: ArrayRecord) -> None:
-    """Copy a weights record into the module's parameters (cast back to their dtype).
+    """Copy a weights record into the module's parameters (cast back to their dtype and device).
 
     Strict: the record must hold exactly this module's parameter layout, every value of it.
     """
-    key, params = weights_key(module), trainable_parameters(module)
+    key, params = weights_key(module), [param for _, param in trainable_parameters(module)]
     if list(record) != [key]:
         raise ValueError(f"weights do not match the model: the record holds {list(record)[:3]}, "
                          f"this model's parameter layout is {key}")
     flat = torch.from_numpy(np.asarray(record[key].numpy(), dtype=np.float32))
-    total = sum(param.numel() for _, param in params)
+    total = sum(param.numel() for param in params)
     if flat.shape != (total,):
         raise ValueError(f"{key}: {tuple(flat.shape)} values, the model has {total} parameters")
-    with torch.no_grad():
-        for (_, param), values in zip(params, flat.split([param.numel() for _, param in params]), strict=True):
-            param.copy_(values.view_as(param).to(param.dtype))
+    with torch.no_grad():  # copied in, not torch's vector_to_parameters: that makes the record's buffer the weights
+        for param, values in zip(params, flat.split([param.numel() for param in params]), strict=True):
+            param.copy_(values.view_as(param))
 
 
 def stats_to_record(stats: dict[str, dict[str, np.ndarray]], keys: list[str]) -> ArrayRecord:

@@ -41,6 +41,15 @@ from hardware.errors import CalibrationMissing, HardwareFault
 from hardware.pusht_sim import ACTION_KEY, STATE_KEY, EpisodeStatus
 
 log = logging.getLogger("fedbot.hardware")
+FOLLOWER_TYPES = ("so100_follower", "so101_follower")
+LEADER_TYPES = ("so100_leader", "so101_leader")
+JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper")
+# Distal joints first: the light wrist and gripper go limp before the shoulder lets the arm down.
+TORQUE_OFF_ORDER = ("gripper", "wrist_roll", "wrist_flex", "elbow_flex", "shoulder_lift", "shoulder_pan")
+MOTOR_NAMES = [f"{joint}.pos" for joint in JOINTS]
+# What a failing serial port or camera raises through lerobot (pyserial, its ioctls, the SDK, OpenCV's thread).
+DEVICE_ERRORS = (ConnectionError, OSError, serial.SerialException, termios.error, TimeoutError, RuntimeError)
+CONNECT_ATTEMPTS = 3  # a handshake ping can go unanswered once on a healthy bus
 # What lerobot's ensure_safe_goal_position logs, through the root logger, for every action it limits.
 STEP_LIMIT_WARNING = "Relative goal position magnitude had to be clamped"
 
@@ -67,15 +76,6 @@ class StepLimitCount(logging.Filter):
         if self.count:
             log.info("%s: max-relative-target (%s) limited %d actions", arm_id, max_step, self.count)
         self.count = 0
-FOLLOWER_TYPES = ("so100_follower", "so101_follower")
-LEADER_TYPES = ("so100_leader", "so101_leader")
-JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper")
-# Distal joints first: the light wrist and gripper go limp before the shoulder lets the arm down.
-TORQUE_OFF_ORDER = ("gripper", "wrist_roll", "wrist_flex", "elbow_flex", "shoulder_lift", "shoulder_pan")
-MOTOR_NAMES = [f"{joint}.pos" for joint in JOINTS]
-# What a failing serial port or camera raises through lerobot (pyserial, its ioctls, the SDK, OpenCV's thread).
-DEVICE_ERRORS = (ConnectionError, OSError, serial.SerialException, termios.error, TimeoutError, RuntimeError)
-CONNECT_ATTEMPTS = 3  # a handshake ping can go unanswered once on a healthy bus
 
 
 def image_key(camera: str) -> str:
