@@ -18,6 +18,7 @@ from lerobot.policies.diffusion.configuration_diffusion import DiffusionConfig
 from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
 from lerobot.policies.factory import make_pre_post_processors
 
+from fedbot.cpu_inference import prepare_for_inference
 from fedbot.presets import default_device
 
 
@@ -28,6 +29,9 @@ class LoadedPolicy:
     policy: DiffusionPolicy
     preprocessor: object
     postprocessor: object
+
+    def __post_init__(self) -> None:
+        prepare_for_inference(self.policy)  # faster CPU inference; training is unaffected
 
     @property
     def device(self) -> torch.device:

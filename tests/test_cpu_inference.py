@@ -1,0 +1,49 @@
+"""The faster CPU inference path computes what PyTorch's convolutions compute, and only at inference."""
+
+import pytest
+import torch
+from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
+
+from fedbot.cpu_inference import InferenceConv1d, prepare_for_inference
+from fedbot.presets import get_preset
+from fedbot.recording import dataset_features
+from hardware.pusht_sim import PushTSim, PushTSimConfig
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(5, 1, 2), (3, 2, 1), (1, 1, 0), (3, 1, 0)])
+@pytest.mark.parametrize("batch,length", [(1, 4), (3, 16), (1, 7)])
+def test_conv_matches_torch(kernel, stride, padding, batch, length):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(8, 6, kernel, stride=stride, padding=padding)
+    x = torch.randn(batch, 8, length)
+    with torch.inference_mode():
+        expected = conv(x)
+        prepare_for_inference(conv)
+        assert type(conv) is InferenceConv1d
+        got = conv(x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_training_keeps_torchs_path_and_gradients():
+    conv = prepare_for_inference(torch.nn.Conv1d(4, 4, 3, padding=1))
+    x = torch.randn(2, 4, 8, requires_grad=True)
+    conv(x).sum().backward()
+    assert x.grad is not None and conv.weight.grad is not None
+
+
+def test_policy_state_and_actions_are_unchanged():
+    config = get_preset("pusht-state").make_config(dataset_features(PushTSim(PushTSimConfig(id="t"))), device="cpu")
+    reference = DiffusionPolicy(config).eval()
+    prepared = DiffusionPolicy(config).eval()
+    prepared.load_state_dict(reference.state_dict())
+    prepare_for_inference(prepared)
+    assert any(isinstance(m, InferenceConv1d) for m in prepared.modules())
+    assert prepared.state_dict().keys() == reference.state_dict().keys()
+    observation = {key: torch.rand(1, *feature.shape) for key, feature in config.input_features.items()}
+    actions = []
+    for policy in (reference, prepared):
+        torch.manual_seed(1)  # the same initial noise for both
+        with torch.inference_mode():
+            actions.append(policy.select_action(dict(observation)))
+    torch.testing.assert_close(actions[1], actions[0], rtol=1e-4, atol=1e-4)
