@@ -30,7 +30,7 @@ from fedbot.evaluation import evaluate
 from fedbot.policy_io import LoadedPolicy
 from fedbot.presets import get_preset
 from fedbot.training import InMemoryFrames, TrainState, open_dataset, policy_from_stats
-from fedbot.transfer import load_weights, record_to_stats, stats_to_record, weights_to_record
+from fedbot.transfer import load_weights, record_to_stats, stats_to_record, update_to_record, weights_vector
 from hardware.pusht_sim import ACTION_KEY
 
 app = ClientApp()
@@ -74,17 +74,19 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     dataset = open_dataset(node.dataset_root)
     loaded = global_policy(msg.content, run, dataset.meta.features)
+    received = weights_vector(loaded.policy)
     state = TrainState.create(loaded, run.local_steps, lr=run.lr)
     _restore_optimizer(state, _optimizer_file(node, context))
     frames = InMemoryFrames(dataset, loaded.policy.config)
     penalty = _proximal_term(loaded.policy, float(config.get("proximal-mu", 0.0)))
-    seed = zlib.crc32(f"{node.name}/{config.get('server-round', 0)}".encode())
+    seed = zlib.crc32(f"{run.seed}/{node.name}/{config.get('server-round', 0)}".encode())
+    torch.manual_seed(seed)  # the diffusion noise; the generator below draws the batches
     started = time.time()
     loss = state.train_steps(frames, run.local_steps, run.batch_size, torch.Generator().manual_seed(seed),
                              penalty=penalty)
     trained = time.time()
     _save_optimizer(state, _optimizer_file(node, context))
-    arrays = weights_to_record(loaded.policy, run.weights_dtype)
+    arrays = update_to_record(loaded.policy, received, run.weights_dtype)
     note_round(node.output_dir, {"run": context.run_id, "round": int(config.get("server-round", 0)),
                                  "episodes": dataset.meta.total_episodes, "time": time.time()})
     # Where the round's time goes (bench/bench_round_overhead.py): the message's way here (created_at

@@ -32,6 +32,7 @@ class RunConfig:
     save_every: int = 1
     output_dir: str = "outputs"
     weights_dtype: str = "float32"
+    seed: int = 0
     round_timeout: float = 600.0
     sim_data_dir: str = "data/fleet"
 

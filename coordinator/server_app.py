@@ -12,6 +12,7 @@ import logging
 import sys
 import time
 
+import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
@@ -23,7 +24,8 @@ from fedbot.policy_io import LoadedPolicy, load_policy
 from fedbot.presets import get_preset
 from fedbot.training import policy_from_stats
 from fedbot.transfer import (
-    aggregate_node_stats, describe_content, load_weights, record_to_stats, stats_to_record, weights_to_record,
+    aggregate_node_stats, apply_update, cast_record, describe_content, load_weights, record_to_stats, stats_to_record,
+    weights_to_record,
 )
 
 log = logging.getLogger("fedbot.coordinator")
@@ -113,10 +115,29 @@ def federated_stats(grid: Grid, run: RunConfig, directory: RunDirectory) -> tupl
     return stats, features
 
 
-def with_stats(messages, stats_record) -> list[Message]:
+def for_transfer(messages, run: RunConfig, stats_record) -> list[Message]:
+    """The strategy's messages with the global statistics and the weights in the transfer dtype."""
+    messages = list(messages)
+    if messages:
+        sent = cast_record(messages[0].content["arrays"], run.weights_dtype)
     for message in messages:
+        message.content["arrays"] = sent
         message.content["stats"] = stats_record
-    return list(messages)
+    return messages
+
+
+def trained_weights(replies: list[Message], arrays) -> list[Message]:
+    """Replies with each robot's update turned into its float32 weights (global + update), which
+    is what the strategies aggregate; a reply whose update does not fit the model is dropped."""
+    usable = []
+    for reply in replies:
+        try:
+            reply.content["arrays"] = apply_update(arrays, reply.content["arrays"])
+        except ValueError as error:
+            log.warning("a robot's update was dropped (node %s): %s", reply.metadata.src_node_id, error)
+            continue
+        usable.append(reply)
+    return usable
 
 
 @app.main()
@@ -131,6 +152,7 @@ def main(grid: Grid, context: Context) -> None:
     resumed = directory.latest_model()
     if resumed is None:
         stats, features = federated_stats(grid, run, directory)
+        torch.manual_seed(run.seed)  # the initial global weights
         loaded = policy_from_stats(get_preset(run.preset), features, stats)
         start_round = 0
     else:
@@ -139,7 +161,7 @@ def main(grid: Grid, context: Context) -> None:
         stats = loaded_stats(loaded)
         log.info("continuing after round %d from %s", start_round, path)
     stats_record = stats_to_record(stats, list(stats))
-    arrays = weights_to_record(loaded.policy, run.weights_dtype)
+    arrays = weights_to_record(loaded.policy)  # the float32 global model; sent in run.weights_dtype
     strategy = make_strategy(run)
     if start_round == 0:
         directory.save_model(0, loaded, {})
@@ -151,13 +173,15 @@ def main(grid: Grid, context: Context) -> None:
         started = time.monotonic()
         first = server_round == start_round + 1
         fit_to_live_nodes(strategy, run, wait_for_nodes(grid, run.min_nodes if first else 1))
-        messages = with_stats(strategy.configure_train(server_round, arrays, ConfigRecord(), grid), stats_record)
+        messages = for_transfer(strategy.configure_train(server_round, arrays, ConfigRecord(), grid), run, stats_record)
         sent = sum(m.content["arrays"].count_bytes() for m in messages)
         log.info("round %d: training on %d robots", server_round, len(messages))
         exchange_started = time.monotonic()
         good, failed = exchange(grid, messages, run, f"round {server_round} training", directory)
         exchange_seconds, phases = time.monotonic() - exchange_started, round_phases(good)
         received = sum(r.content["arrays"].count_bytes() for r in good)
+        usable = trained_weights(good, arrays)
+        good, failed = usable, failed + len(good) - len(usable)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, good)
         if new_arrays is None:
             log.warning("round %d: no usable replies; the global model is unchanged", server_round)
@@ -203,8 +227,8 @@ def evaluate_round(grid, run, strategy, server_round, arrays, stats_record, load
     fit_to_live_nodes(strategy, run, wait_for_nodes(grid, 1))
     messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
     if messages:
-        replies, _ = exchange(grid, with_stats(messages, stats_record), run, f"round {server_round} evaluation",
-                              directory)
+        messages = for_transfer(messages, run, stats_record)
+        replies, _ = exchange(grid, messages, run, f"round {server_round} evaluation", directory)
         metrics = strategy.aggregate_evaluate(server_round, replies)
         if metrics:
             result["client-success-rate"] = metrics.get("success-rate")

@@ -1,13 +1,20 @@
-"""What crosses the network in a federation: model weights and dataset summary statistics.
+"""What crosses the network in a federation: model weights, robots' updates, summary statistics.
 
 Weights travel as a Flower `ArrayRecord` holding one flat vector of the policy's trainable
 parameters, in float32 or float16 (numpy has no bfloat16; Flower serializes arrays with numpy).
 One vector, not an array per parameter: Flower moves every array as objects of its own, and the
 SuperLink stores each object in its database in several transactions. With the ~160 parameters of a
 DiffusionPolicy that was ~12 s of SuperLink CPU each way per round on 2 cores; one vector is a
-handful of 5 MB chunks (bench/bench_round_overhead.py, BENCHMARKS.md). FedAvg, FedProx and FedAdam
-work element by element, so they aggregate the vector as they would the arrays. The vector's key
-names the parameter layout (names and shapes), so weights never load into a different model.
+handful of 5 MB chunks (bench/bench_round_overhead.py, BENCHMARKS.md). The vector's key names the
+parameter layout (names and shapes), so weights never load into a different model.
+
+A robot answers a training round with its update (its weights after training minus the weights it
+received), in the same dtype, and the coordinator adds it to its float32 global model before the
+strategy aggregates (`apply_update`). The global model therefore stays float32 however the weights
+travel: in float16 only the update is rounded, relative to its own size, instead of the whole model
+being rounded to float16 every round, which drops any change smaller than half a float16 step of a
+weight (mixed-precision training keeps float32 master weights for the same reason). FedAvg, FedProx
+and FedAdam see full float32 weights and work element by element, as they would on the arrays.
 
 Statistics travel as an `ArrayRecord` of lerobot's per-feature stats (count, mean, std, min, max):
 summaries, never frames.
@@ -28,27 +35,70 @@ WEIGHT_DTYPES = {"float32": np.float32, "float16": np.float16}
 # Summary statistics a node shares: enough for lerobot's aggregate_stats and the normalizers.
 SHARED_STATS = ("count", "mean", "std", "min", "max")
 STATS_SEPARATOR = "::"
+WEIGHTS_PREFIX, UPDATE_PREFIX = "parameters-", "update-"
 
 
 def trainable_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     return [(name, param) for name, param in module.named_parameters() if param.requires_grad]
 
 
+def _layout_digest(module: torch.nn.Module) -> str:
+    layout = [(name, list(param.shape)) for name, param in trainable_parameters(module)]
+    return hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:16]
+
+
 def weights_key(module: torch.nn.Module) -> str:
     """The record key of the module's weights: "parameters-" and a digest of their names and shapes."""
-    layout = [(name, list(param.shape)) for name, param in trainable_parameters(module)]
-    return "parameters-" + hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:16]
+    return WEIGHTS_PREFIX + _layout_digest(module)
+
+
+def update_key(module: torch.nn.Module) -> str:
+    """The record key of an update to the module's weights: "update-" and the same digest."""
+    return UPDATE_PREFIX + _layout_digest(module)
+
+
+def _numpy_dtype(dtype: str):
+    try:
+        return WEIGHT_DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"weights dtype {dtype!r} is not one of {sorted(WEIGHT_DTYPES)}") from None
+
+
+def weights_vector(module: torch.nn.Module) -> torch.Tensor:
+    """A float32 copy of the module's trainable parameters as one flat vector on the CPU."""
+    with torch.no_grad():
+        return parameters_to_vector([param for _, param in trainable_parameters(module)]).float().cpu().clone()
 
 
 def weights_to_record(module: torch.nn.Module, dtype: str = "float32") -> ArrayRecord:
     """The module's trainable parameters as one flat vector in the transfer dtype."""
-    try:
-        np_dtype = WEIGHT_DTYPES[dtype]
-    except KeyError:
-        raise ValueError(f"weights dtype {dtype!r} is not one of {sorted(WEIGHT_DTYPES)}") from None
-    with torch.no_grad():
-        flat = parameters_to_vector([param for _, param in trainable_parameters(module)])
-    return ArrayRecord({weights_key(module): Array(flat.float().cpu().numpy().astype(np_dtype))})
+    np_dtype = _numpy_dtype(dtype)
+    return ArrayRecord({weights_key(module): Array(weights_vector(module).numpy().astype(np_dtype))})
+
+
+def update_to_record(module: torch.nn.Module, received: torch.Tensor, dtype: str = "float32") -> ArrayRecord:
+    """The module's change since it held the flat weights `received`, in the transfer dtype."""
+    np_dtype = _numpy_dtype(dtype)
+    return ArrayRecord({update_key(module): Array((weights_vector(module) - received).numpy().astype(np_dtype))})
+
+
+def cast_record(record: ArrayRecord, dtype: str) -> ArrayRecord:
+    """The same arrays in the transfer dtype."""
+    np_dtype = _numpy_dtype(dtype)
+    return ArrayRecord({key: Array(array.numpy().astype(np_dtype)) for key, array in record.items()})
+
+
+def apply_update(weights: ArrayRecord, update: ArrayRecord) -> ArrayRecord:
+    """float32 weights plus a robot's update to them: the robot's trained weights, as float32."""
+    if len(weights) != 1 or len(update) != 1:
+        raise ValueError(f"expected one weights vector and one update, got {list(weights)} and {list(update)}")
+    (weights_name, base), (update_name, change) = *weights.items(), *update.items()
+    if update_name != UPDATE_PREFIX + weights_name.removeprefix(WEIGHTS_PREFIX):
+        raise ValueError(f"the update {update_name!r} is not for the weights {weights_name!r}")
+    base, change = base.numpy(), change.numpy()
+    if change.shape != base.shape:
+        raise ValueError(f"{update_name}: {change.shape} values, the weights have {base.shape}")
+    return ArrayRecord({weights_name: Array(np.add(base, change, dtype=np.float32))})
 
 
 def load_weights(module: torch.nn.Module, record: ArrayRecord) -> None:

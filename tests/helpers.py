@@ -75,11 +75,11 @@ def assert_replies_hold_no_data(run_dir: Path, dataset_root: Path, evaluation: b
 
     from fedbot.presets import get_preset
     from fedbot.training import new_policy, open_dataset
-    from fedbot.transfer import weights_key
+    from fedbot.transfer import update_key
 
     dataset = open_dataset(dataset_root)
     policy = new_policy(get_preset("pusht-state"), dataset, device="cpu").policy
-    weights = {weights_key(policy): [sum(p.numel() for p in policy.parameters() if p.requires_grad)]}
+    update = {update_key(policy): [sum(p.numel() for p in policy.parameters() if p.requires_grad)]}
     kinds = {}
     for line in (run_dir / "replies.jsonl").read_text().splitlines():
         reply = json.loads(line)
@@ -87,7 +87,7 @@ def assert_replies_hold_no_data(run_dir: Path, dataset_root: Path, evaluation: b
         kinds.setdefault(what, set()).add(tuple(sorted(content)))
         for name, record in content.items():
             if record["kind"] == "arrays" and name == "arrays":
-                assert {k: a["shape"] for k, a in record["arrays"].items()} == weights
+                assert {k: a["shape"] for k, a in record["arrays"].items()} == update
             elif record["kind"] == "arrays":
                 assert name == "stats"
                 for key, array in record["arrays"].items():

@@ -5,7 +5,8 @@ checks share one run): TLS + SuperNode authentication with an unregistered robot
 robots, one SIGKILLed mid-round, the round finishing with the other two; `flwr ls` and `flwr log`
 against the coordinator's SuperLink; the coordinator SIGKILLed after round 1 and, restarted,
 continuing at round 2 with FedAdam's moments; and every reply holding weights, summaries and
-metrics only. The insecure (local development) mode runs in bench/bench_round_overhead.py.
+metrics only, the robots' updates travelling in float16. The insecure (local development) mode runs
+in bench/bench_round_overhead.py.
 """
 
 import json
@@ -96,7 +97,8 @@ def test_production_run_survives_a_dead_robot_and_a_dead_coordinator(lab, tmp_pa
     make_server_certificate(tls, ["127.0.0.1"])
     keys = {name: ensure_robot_key(tls, name) for name in ("robot0", "robot1", "robot2", "stranger")}
     secure = ["--tls", str(tls), "--auth", "--register", *(str(keys[f"robot{i}"]) for i in range(3))]
-    run_config = TINY_RUN + " strategy='fedadam' fraction-evaluate=0.0"  # robot evaluation: test_federation_sim
+    # robot evaluation: test_federation_sim. float16: weights out, updates back, float32 global model
+    run_config = TINY_RUN + " strategy='fedadam' fraction-evaluate=0.0 weights-dtype='float16'"
     coordinator = lab.coordinator(*secure, run_config=run_config + " min-nodes=3")
     up = coordinator.wait_for(r"SuperLink up .* \(TLS \+ robot auth\), pid (\d+)", timeout=300)
     coordinator.wait_for(r"ready: robots can join", timeout=300)  # their keys are registered now
@@ -132,3 +134,6 @@ def test_production_run_survives_a_dead_robot_and_a_dead_coordinator(lab, tmp_pa
         assert json.loads((deployed / "manifest.json").read_text())["sha256"] == registry["models"][-1]["sha256"]
     assert all(r.process.poll() is None for r in robots[:2])  # the robots rode out the restart
     assert_replies_hold_no_data(run_dir, fleet / "robot0", evaluation=False)
+    updates = [json.loads(line)["content"]["arrays"]["arrays"] for line in (run_dir / "replies.jsonl").open()
+               if "training" in json.loads(line)["what"]]
+    assert len(updates) >= 4 and all(a["dtype"] == "float16" for update in updates for a in update.values())

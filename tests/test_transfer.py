@@ -6,7 +6,8 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from fedbot.transfer import (
-    aggregate_node_stats, load_weights, record_to_stats, stats_to_record, weights_to_record,
+    aggregate_node_stats, apply_update, cast_record, load_weights, record_to_stats, stats_to_record, update_to_record,
+    weights_to_record, weights_vector,
 )
 
 
@@ -53,6 +54,55 @@ def test_loading_is_strict():
         load_weights(make_module(), truncated)
     with pytest.raises(ValueError, match="not one of"):
         weights_to_record(make_module(), "bfloat16")
+
+
+def train_a_little(module: torch.nn.Module, change: float) -> None:
+    with torch.no_grad():
+        for param in module.parameters():
+            param.add_(change * torch.sign(torch.randn_like(param)))
+
+
+def test_a_float16_update_keeps_changes_that_float16_weights_lose():
+    module = make_module()
+    global_fp32 = weights_to_record(module)
+    load_weights(module, cast_record(global_fp32, "float16"))  # what a robot receives in float16
+    received = weights_vector(module)
+    train_a_little(module, 1e-5)  # smaller than half a float16 step of most weights
+    trained = weights_vector(module)
+    change = trained - received
+    reconstructed = torch.from_numpy(apply_update(global_fp32, update_to_record(module, received, "float16"))
+                                     .popitem()[1].numpy())
+    # the coordinator's float32 weights move by the robot's change, rounded relative to the change itself
+    # (float16 keeps 11 bits; below 2**-14 its steps are 2**-24, hence the absolute 2**-25)
+    moved = reconstructed - torch.from_numpy(global_fp32.popitem()[1].numpy())
+    assert torch.allclose(moved, change, rtol=2**-11, atol=2**-25)
+    # sending the trained weights themselves in float16 loses the change almost everywhere
+    sent_back = torch.from_numpy(weights_to_record(module, "float16").popitem()[1].numpy().astype(np.float32))
+    assert (sent_back == received).float().mean() > 0.75  # all but the smallest weights
+
+
+def test_float32_updates_give_back_the_trained_weights():
+    module = make_module()
+    global_fp32 = weights_to_record(module)
+    received = weights_vector(module)
+    train_a_little(module, 1e-2)
+    weights = apply_update(global_fp32, update_to_record(module, received))
+    target = make_module()
+    load_weights(target, weights)
+    for a, b in zip(module.parameters(), target.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_an_update_for_another_model_is_refused():
+    update = update_to_record(torch.nn.Linear(3, 3), weights_vector(torch.nn.Linear(3, 3)))
+    with pytest.raises(ValueError, match="is not for the weights"):
+        apply_update(weights_to_record(make_module()), update)
+    module = make_module()
+    short = update_to_record(module, weights_vector(module))
+    (key,) = short
+    short = ArrayRecord({key: Array(short[key].numpy()[:-1])})
+    with pytest.raises(ValueError, match="the weights have"):
+        apply_update(weights_to_record(module), short)
 
 
 def test_stats_round_trip_and_aggregate_like_pooled_data():
