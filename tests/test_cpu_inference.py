@@ -4,7 +4,7 @@ import pytest
 import torch
 from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
 
-from fedbot.cpu_inference import InferenceConv1d, prepare_for_inference
+from fedbot.cpu_inference import InferenceConv1d, InferenceConvTranspose1d, prepare_for_inference
 from fedbot.presets import get_preset
 from fedbot.recording import dataset_features
 from hardware.pusht_sim import PushTSim, PushTSimConfig
@@ -25,6 +25,29 @@ def test_conv_matches_torch(kernel, stride, padding, batch, length):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel,stride,padding", [(4, 2, 1), (3, 1, 1), (5, 3, 0)])
+@pytest.mark.parametrize("batch,length", [(1, 4), (2, 7)])
+def test_transposed_conv_matches_torch(kernel, stride, padding, batch, length):
+    torch.manual_seed(0)
+    conv = torch.nn.ConvTranspose1d(6, 5, kernel, stride=stride, padding=padding)
+    x = torch.randn(batch, 6, length)
+    with torch.inference_mode():
+        expected = conv(x)
+        prepare_for_inference(conv)
+        assert type(conv) is InferenceConvTranspose1d
+        got = conv(x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_layers_the_fast_forms_do_not_cover_keep_their_class():
+    layers = [torch.nn.Conv1d(4, 4, 3, groups=2), torch.nn.Conv1d(4, 4, 3, dilation=2),
+              torch.nn.Conv1d(4, 4, 3, padding="same"), torch.nn.ConvTranspose1d(4, 4, 3, 2, output_padding=1)]
+    for layer in layers:
+        kind = type(layer)
+        assert type(prepare_for_inference(layer)) is kind
+
+
 def test_training_keeps_torchs_path_and_gradients():
     conv = prepare_for_inference(torch.nn.Conv1d(4, 4, 3, padding=1))
     x = torch.randn(2, 4, 8, requires_grad=True)
@@ -38,7 +61,8 @@ def test_policy_state_and_actions_are_unchanged():
     prepared = DiffusionPolicy(config).eval()
     prepared.load_state_dict(reference.state_dict())
     prepare_for_inference(prepared)
-    assert any(isinstance(m, InferenceConv1d) for m in prepared.modules())
+    kinds = {type(m) for m in prepared.modules()}
+    assert InferenceConv1d in kinds and InferenceConvTranspose1d in kinds
     assert prepared.state_dict().keys() == reference.state_dict().keys()
     observation = {key: torch.rand(1, *feature.shape) for key, feature in config.input_features.items()}
     actions = []
