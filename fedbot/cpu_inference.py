@@ -9,9 +9,10 @@ convolutions were 68% of an action chunk; the upsampling `ConvTranspose1d` is sl
 `F.linear`, and each `ConvTranspose1d` as `F.linear` + fold, which take the fast orientation, when
 nothing needs gradients and the tensor is on the CPU; training and GPUs keep PyTorch's path.
 The parameters and state_dict are untouched (the class of each module changes, nothing else), so
-checkpoints, weight transfer and training see the same model. lerobot offers no such switch and
-torch's own alternatives were measured and rejected: oneDNN (forced with batch 2) is as slow,
-`torch.compile` needs a C++ toolchain and ~40 s per model, `torch.jit.trace` is deprecated.
+checkpoints, weight transfer and training see the same model. lerobot offers no such switch, and
+torch's own alternatives were measured (docs/lerobot-0.6.1-traps.md): oneDNN (forced with batch 2)
+is as slow; `torch.compile` would remove Python overhead on top of this but needs a C++ toolchain
+on the robot and ~40 s per model; `torch.jit.trace` is deprecated.
 """
 
 from __future__ import annotations
