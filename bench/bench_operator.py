@@ -74,7 +74,8 @@ def main() -> None:
     robot = PushTSim(PushTSimConfig())
     robot.connect()
     table = Table(title=f"PushT expert, seeds {args.seed_start}..{args.seed_start + args.episodes - 1}")
-    cols = ("style", "success", "mean max cov", "mean steps", "CPU s/ep", "operator CPU s/ep", "max step px", "max reach px")
+    cols = ("style", "success", "mean max cov", "mean steps", "CPU s/ep", "operator CPU s/ep", "max step px",
+            "max reach px")
     for col in cols:
         table.add_column(col, justify="left" if col == "style" else "right")
     for style in args.styles:
