@@ -2,7 +2,8 @@
 
 The rounds are driven through the strategy's own configure/aggregate methods (rather than
 `strategy.start`, which always begins at round 1) so that a restarted coordinator continues from its
-last saved global model and round.
+last saved global model and round. The global model stays float32 here; robots get it in the run's
+`weights-dtype` and answer with updates that are added to it before aggregation (fedbot/transfer.py).
 """
 
 from __future__ import annotations
