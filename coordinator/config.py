@@ -31,7 +31,7 @@ class RunConfig:
     eval_episodes: int = 10
     save_every: int = 1
     output_dir: str = "outputs"
-    weights_dtype: str = "float32"
+    weights_dtype: str = "float16"
     seed: int = 0
     round_timeout: float = 600.0
     sim_data_dir: str = "data/fleet"
