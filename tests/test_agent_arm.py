@@ -115,12 +115,12 @@ def test_agent_on_an_arm(tmp_path):
         assert result["error"] is None and len(follower.goals) > start
         assert all(RANGE[0] <= goal <= RANGE[1] for _, goal, _ in follower.goals[start:])
 
-        # A policy that cannot keep up (twice the denoising steps: each chunk comes after the last tick
-        # it was computed for): whenever no action is ready, the arm holds where it is.
+        # A policy that cannot keep up (ten times the denoising steps: each chunk comes after the last
+        # tick it was computed for): whenever no action is ready, the arm holds where it is.
         slow = tmp_path / "slow"
         shutil.copytree(policy, slow)
         config = json.loads((slow / "config.json").read_text())
-        (slow / "config.json").write_text(json.dumps({**config, "num_inference_steps": 20}))
+        (slow / "config.json").write_text(json.dumps({**config, "num_inference_steps": 100}))
         deliver_model(slow, inbox, "round_0002-slow", 2)
         agent.wait_for(r"model round_0002-slow is live", timeout=120)
         before = request(sock, "status")["control"]
