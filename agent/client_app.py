@@ -4,9 +4,9 @@ Every message is answered from the robot's own dataset (`NodeSettings`); replies
 update (trained minus received weights, fedbot/transfer.py), summary statistics and metrics, never
 observations or actions. In deployment each message runs in a fresh process, so what must outlive
 a round (the optimizer, the step counter) is kept on the robot's disk, under its output dir, for
-the current run. Not in Flower's `context.state`: that lives in the
-SuperNode's memory (lost when the agent restarts the SuperNode after a recording), and the Adam
-moments (twice the size of the weights) went through the SuperNode's runtime API twice a round.
+the current run. Not in Flower's `context.state`: that lives in the SuperNode's memory (lost when
+the agent restarts the SuperNode after a recording), and the Adam moments (twice the size of the
+weights) went through the SuperNode's runtime API twice a round.
 """
 
 from __future__ import annotations

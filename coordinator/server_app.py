@@ -119,8 +119,9 @@ def federated_stats(grid: Grid, run: RunConfig, directory: RunDirectory) -> tupl
 def for_transfer(messages, run: RunConfig, stats_record) -> list[Message]:
     """The strategy's messages with the global statistics and the weights in the transfer dtype."""
     messages = list(messages)
-    if messages:
-        sent = cast_record(messages[0].content["arrays"], run.weights_dtype)
+    if not messages:
+        return []
+    sent = cast_record(messages[0].content["arrays"], run.weights_dtype)  # the same global model for all
     for message in messages:
         message.content["arrays"] = sent
         message.content["stats"] = stats_record

@@ -10,31 +10,22 @@ from fedbot.recording import dataset_features
 from hardware.pusht_sim import PushTSim, PushTSimConfig
 
 
-@pytest.mark.parametrize("kernel,stride,padding", [(5, 1, 2), (3, 2, 1), (1, 1, 0), (3, 1, 0)])
+CONVS = [(torch.nn.Conv1d, InferenceConv1d, kernel, stride, padding)
+         for kernel, stride, padding in [(5, 1, 2), (3, 2, 1), (1, 1, 0), (3, 1, 0)]]
+TRANSPOSED = [(torch.nn.ConvTranspose1d, InferenceConvTranspose1d, kernel, stride, padding)
+              for kernel, stride, padding in [(4, 2, 1), (3, 1, 1), (5, 3, 0)]]
+
+
+@pytest.mark.parametrize("torch_class,fast_class,kernel,stride,padding", CONVS + TRANSPOSED)
 @pytest.mark.parametrize("batch,length", [(1, 4), (3, 16), (1, 7)])
-def test_conv_matches_torch(kernel, stride, padding, batch, length):
+def test_conv_matches_torch(torch_class, fast_class, kernel, stride, padding, batch, length):
     torch.manual_seed(0)
-    conv = torch.nn.Conv1d(8, 6, kernel, stride=stride, padding=padding)
+    conv = torch_class(8, 6, kernel, stride=stride, padding=padding)
     x = torch.randn(batch, 8, length)
     with torch.inference_mode():
         expected = conv(x)
         prepare_for_inference(conv)
-        assert type(conv) is InferenceConv1d
-        got = conv(x)
-    assert got.shape == expected.shape
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("kernel,stride,padding", [(4, 2, 1), (3, 1, 1), (5, 3, 0)])
-@pytest.mark.parametrize("batch,length", [(1, 4), (2, 7)])
-def test_transposed_conv_matches_torch(kernel, stride, padding, batch, length):
-    torch.manual_seed(0)
-    conv = torch.nn.ConvTranspose1d(6, 5, kernel, stride=stride, padding=padding)
-    x = torch.randn(batch, 6, length)
-    with torch.inference_mode():
-        expected = conv(x)
-        prepare_for_inference(conv)
-        assert type(conv) is InferenceConvTranspose1d
+        assert type(conv) is fast_class
         got = conv(x)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -48,11 +39,18 @@ def test_layers_the_fast_forms_do_not_cover_keep_their_class():
         assert type(prepare_for_inference(layer)) is kind
 
 
-def test_training_keeps_torchs_path_and_gradients():
-    conv = prepare_for_inference(torch.nn.Conv1d(4, 4, 3, padding=1))
-    x = torch.randn(2, 4, 8, requires_grad=True)
-    conv(x).sum().backward()
-    assert x.grad is not None and conv.weight.grad is not None
+@pytest.mark.parametrize("torch_class", [torch.nn.Conv1d, torch.nn.ConvTranspose1d])
+def test_training_gets_torchs_gradients(torch_class):
+    torch.manual_seed(0)
+    reference = torch_class(4, 4, 3, padding=1)
+    prepared = torch_class(4, 4, 3, padding=1)
+    prepared.load_state_dict(reference.state_dict())
+    prepare_for_inference(prepared)
+    x = torch.randn(2, 4, 8)
+    for layer in (reference, prepared):
+        (layer(x) ** 2).sum().backward()
+    torch.testing.assert_close(prepared.weight.grad, reference.weight.grad)
+    torch.testing.assert_close(prepared.bias.grad, reference.bias.grad)
 
 
 def test_policy_state_and_actions_are_unchanged():
