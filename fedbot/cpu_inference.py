@@ -1,24 +1,37 @@
-"""A faster CPU path for the DiffusionPolicy's 1-D convolutions at inference time.
+"""Faster CPU inference for lerobot's DiffusionPolicy, with the same results (BENCHMARKS.md, "Action-chunk
+inference latency"). `prepare_for_inference` changes the class of modules in place; parameters and
+state_dict are untouched, so checkpoints, weight transfer and training see the same model, and training
+(anything with gradients) and GPUs keep lerobot's and PyTorch's code. lerobot offers no such switch.
 
-Measured (BENCHMARKS.md, "Action-chunk inference latency"): for one sample, PyTorch 2.11 sends
-lerobot's `nn.Conv1d` layers to its im2col + GEMM fallback (`aten::_slow_conv2d_forward`;
-oneDNN is skipped for batch 1 and small inputs), and that GEMM multiplies weight x columns with
-only 4-16 columns, an orientation in which MKL is ~6x slower than columns x weight^T. The
-convolutions were 68% of an action chunk; the upsampling `ConvTranspose1d` is slow the same way.
-`prepare_for_inference` makes each plain `Conv1d` compute the same convolution as unfold +
-`F.linear`, and each `ConvTranspose1d` as `F.linear` + fold, which take the fast orientation, when
-nothing needs gradients and the tensor is on the CPU; training and GPUs keep PyTorch's path.
-The parameters and state_dict are untouched (the class of each module changes, nothing else), so
-checkpoints, weight transfer and training see the same model. lerobot offers no such switch, and
-torch's own alternatives were measured (docs/lerobot-0.6.1-traps.md): oneDNN (forced with batch 2)
-is as slow; `torch.compile` would remove Python overhead on top of this but needs a C++ toolchain
-on the robot and ~40 s per model; `torch.jit.trace` is deprecated.
+Convolutions. For one sample, PyTorch 2.11 sends `nn.Conv1d` to its im2col + GEMM fallback
+(`aten::_slow_conv2d_forward`; oneDNN is skipped for batch 1 and small inputs), and that GEMM
+multiplies weight x columns with only 4-16 columns, an orientation in which MKL is ~6x slower than
+columns x weight^T. The convolutions were 68% of an action chunk; the upsampling `ConvTranspose1d` is
+slow the same way. Each plain `Conv1d` becomes unfold + `F.linear`, each `ConvTranspose1d`
+`F.linear` + fold, which take the fast orientation.
+
+The denoising loop. lerobot's `conditional_sample` runs the whole UNet once per denoising step,
+including the timestep encoder and every residual block's FiLM encoder (Mish + Linear), although
+these depend only on the step and the observation. `InferenceDiffusionModel` computes the FiLM
+embeddings of all steps at once, in one batched pass per block, and then runs the convolutional path
+of the UNet without nn.Module call overhead; with the convolutions above, that is ~500 fewer
+operator calls per step, and most of what was left of a chunk besides the GEMMs.
+
+torch's own alternatives were measured (docs/lerobot-0.6.1-traps.md): oneDNN (forced with batch 2) is
+as slow; `torch.compile` would remove Python overhead too but needs a C++ toolchain on the robot and
+~40 s per model; `torch.jit.trace` is deprecated.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from lerobot.policies.diffusion.modeling_diffusion import (
+    DiffusionConditionalResidualBlock1d,
+    DiffusionConv1dBlock,
+    DiffusionModel,
+)
+from lerobot.policies.utils import get_device_from_parameters, get_dtype_from_parameters
 
 
 class InferenceConv1d(torch.nn.Conv1d):
@@ -48,13 +61,86 @@ class InferenceConvTranspose1d(torch.nn.ConvTranspose1d):
         return out if self.bias is None else out + self.bias[:, None]
 
 
+class InferenceDiffusionModel(DiffusionModel):
+    """lerobot's `DiffusionModel` whose gradient-free CPU `conditional_sample` computes every denoising
+    step's FiLM embeddings at once and runs the UNet's convolutional path without module calls."""
+
+    def conditional_sample(self, batch_size, global_cond=None, generator=None, noise=None):
+        device, dtype = get_device_from_parameters(self), get_dtype_from_parameters(self)
+        if torch.is_grad_enabled() or device.type != "cpu":
+            return super().conditional_sample(batch_size, global_cond, generator, noise)
+        # from here on as lerobot's conditional_sample, except where the UNet is called
+        sample = noise if noise is not None else torch.randn(
+            size=(batch_size, self.config.horizon, self.config.action_feature.shape[0]),
+            dtype=dtype, device=device, generator=generator,
+        )
+        self.noise_scheduler.set_timesteps(self.num_inference_steps)
+        timesteps = self.noise_scheduler.timesteps
+        film = _film_embeddings(self.unet, timesteps.to(device), global_cond, batch_size)
+        for step, t in enumerate(timesteps):
+            model_output = _unet_convolutions(self.unet, sample, [embedding[step] for embedding in film])
+            sample = self.noise_scheduler.step(model_output, t, sample, generator=generator).prev_sample
+        return sample
+
+
+def _residual_blocks(unet: torch.nn.Module) -> list[DiffusionConditionalResidualBlock1d]:
+    """The UNet's residual blocks in the order its forward calls them."""
+    return [*(block for level in unet.down_modules for block in level[:2]), *unet.mid_modules,
+            *(block for level in unet.up_modules for block in level[:2])]
+
+
+def _film_embeddings(unet, timesteps: torch.Tensor, global_cond, batch_size: int) -> list[torch.Tensor]:
+    """Each residual block's FiLM embedding for every step, (steps, batch, channels, 1), as lerobot's
+    UNet computes them one step at a time (timestep encoder, concatenated global conditioning)."""
+    feature = unet.diffusion_step_encoder(timesteps)[:, None].expand(-1, batch_size, -1)
+    if global_cond is not None:
+        feature = torch.cat([feature, global_cond.expand(len(timesteps), -1, -1)], dim=-1)
+    return [block.cond_encoder(feature).unsqueeze(-1) for block in _residual_blocks(unet)]
+
+
+def _unet_convolutions(unet, x: torch.Tensor, film: list[torch.Tensor]) -> torch.Tensor:
+    """lerobot's `DiffusionConditionalUnet1d.forward` given the blocks' FiLM embeddings, (B, T, D) -> (B, T, D)."""
+    film = iter(film)
+    x = x.transpose(1, 2)
+    skips = []
+    for first, second, downsample in unet.down_modules:
+        x = _residual_block(second, _residual_block(first, x, next(film)), next(film))
+        skips.append(x)
+        x = downsample(x)
+    for block in unet.mid_modules:
+        x = _residual_block(block, x, next(film))
+    for first, second, upsample in unet.up_modules:
+        x = torch.cat((x, skips.pop()), dim=1)
+        x = upsample(_residual_block(second, _residual_block(first, x, next(film)), next(film)))
+    return unet.final_conv(x).transpose(1, 2)
+
+
+def _residual_block(block: DiffusionConditionalResidualBlock1d, x: torch.Tensor, film: torch.Tensor) -> torch.Tensor:
+    """lerobot's `DiffusionConditionalResidualBlock1d.forward` given its FiLM embedding."""
+    out = _conv_block(block.conv1, x)
+    if block.use_film_scale_modulation:
+        out = torch.addcmul(film[:, block.out_channels:], film[:, :block.out_channels], out)  # scale * out + bias
+    else:
+        out = out + film
+    out = _conv_block(block.conv2, out)
+    residual = x if isinstance(block.residual_conv, torch.nn.Identity) else block.residual_conv.forward(x)
+    return out + residual
+
+
+def _conv_block(block: DiffusionConv1dBlock, x: torch.Tensor) -> torch.Tensor:
+    """lerobot's `DiffusionConv1dBlock`: Conv1d, GroupNorm, Mish."""
+    conv, norm, _ = block.block
+    return F.mish(F.group_norm(conv.forward(x), norm.num_groups, norm.weight, norm.bias, norm.eps))
+
+
 def prepare_for_inference(module: torch.nn.Module) -> torch.nn.Module:
-    """Give every plain Conv1d and ConvTranspose1d in `module` the faster CPU inference path, in place;
-    returns `module`."""
+    """Give every plain Conv1d and ConvTranspose1d, and every DiffusionModel, in `module` the faster CPU
+    inference path, in place; returns `module`."""
     for layer in module.modules():
-        if type(layer) not in (torch.nn.Conv1d, torch.nn.ConvTranspose1d) or not _plain(layer):
-            continue
-        layer.__class__ = InferenceConv1d if type(layer) is torch.nn.Conv1d else InferenceConvTranspose1d
+        if type(layer) is DiffusionModel:
+            layer.__class__ = InferenceDiffusionModel
+        elif type(layer) in (torch.nn.Conv1d, torch.nn.ConvTranspose1d) and _plain(layer):
+            layer.__class__ = InferenceConv1d if type(layer) is torch.nn.Conv1d else InferenceConvTranspose1d
     return module
 
 

@@ -1,10 +1,18 @@
-"""The faster CPU inference path computes what PyTorch's convolutions compute, and only at inference."""
+"""The faster CPU inference path computes what PyTorch's convolutions and lerobot's denoising loop
+compute, and only at inference."""
+
+import dataclasses
 
 import pytest
 import torch
 from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
 
-from fedbot.cpu_inference import InferenceConv1d, InferenceConvTranspose1d, prepare_for_inference
+from fedbot.cpu_inference import (
+    InferenceConv1d,
+    InferenceConvTranspose1d,
+    InferenceDiffusionModel,
+    prepare_for_inference,
+)
 from fedbot.presets import get_preset
 from fedbot.recording import dataset_features
 from hardware.pusht_sim import PushTSim, PushTSimConfig
@@ -53,16 +61,45 @@ def test_training_gets_torchs_gradients(torch_class):
     torch.testing.assert_close(prepared.bias.grad, reference.bias.grad)
 
 
-def test_policy_state_and_actions_are_unchanged():
+def pusht_state_pair(**changes) -> tuple[DiffusionPolicy, DiffusionPolicy]:
+    """Two pusht-state policies (with `changes` to the preset) with equal weights; the second prepared."""
     config = get_preset("pusht-state").make_config(dataset_features(PushTSim(PushTSimConfig(id="t"))), device="cpu")
+    config = dataclasses.replace(config, **changes)
+    torch.manual_seed(0)
     reference = DiffusionPolicy(config).eval()
     prepared = DiffusionPolicy(config).eval()
     prepared.load_state_dict(reference.state_dict())
-    prepare_for_inference(prepared)
+    return reference, prepare_for_inference(prepared)
+
+
+@pytest.mark.parametrize("changes", [{}, {"use_film_scale_modulation": False},
+                                     {"noise_scheduler_type": "DDPM", "num_inference_steps": 12}])
+def test_denoising_loop_matches_lerobots(changes):
+    """Batch 2, both kinds of FiLM, and DDPM's noise added at each step (same generator state)."""
+    reference, prepared = pusht_state_pair(**changes)
+    assert type(prepared.diffusion) is InferenceDiffusionModel
+    global_cond = torch.randn(2, prepared.diffusion.unet.down_modules[0][0].cond_encoder[1].in_features
+                              - prepared.config.diffusion_step_embed_dim)
+    noise = torch.randn(2, prepared.config.horizon, 2)
+    samples = []
+    for policy in (reference, prepared):
+        with torch.inference_mode():
+            samples.append(policy.diffusion.conditional_sample(
+                2, global_cond=global_cond, noise=noise.clone(), generator=torch.Generator().manual_seed(3)))
+    torch.testing.assert_close(samples[1], samples[0], rtol=1e-4, atol=1e-4)
+    with torch.enable_grad():  # anything that needs gradients takes lerobot's loop and torch's convolutions
+        exact = [policy.diffusion.conditional_sample(2, global_cond=global_cond, noise=noise.clone(),
+                                                     generator=torch.Generator().manual_seed(3))
+                 for policy in (reference, prepared)]
+    assert torch.equal(exact[1], exact[0])
+
+
+def test_policy_state_and_actions_are_unchanged():
+    reference, prepared = pusht_state_pair()
     kinds = {type(m) for m in prepared.modules()}
-    assert InferenceConv1d in kinds and InferenceConvTranspose1d in kinds
+    assert {InferenceConv1d, InferenceConvTranspose1d, InferenceDiffusionModel} <= kinds
     assert prepared.state_dict().keys() == reference.state_dict().keys()
-    observation = {key: torch.rand(1, *feature.shape) for key, feature in config.input_features.items()}
+    observation = {key: torch.rand(1, *feature.shape) for key, feature in prepared.config.input_features.items()}
     actions = []
     for policy in (reference, prepared):
         torch.manual_seed(1)  # the same initial noise for both
