@@ -1,4 +1,4 @@
-"""Action-chunk inference latency per preset on one CPU core, with PyTorch's convolutions
+"""Action-chunk inference latency per preset on one CPU core, with lerobot and PyTorch as they are
 ("torch") and with fedbot's CPU inference path ("fedbot", fedbot/cpu_inference.py).
 
     .venv/bin/python bench/bench_inference.py [--repeats 20] [--presets pusht-state] [--set kernel_size=3 ...]
@@ -46,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     table = Table(title=f"action-chunk latency, 1 thread, {machine()}")
-    for column in ("preset", "conv path", "params", "denoising steps", "median ms", "p90 ms", "ms per action"):
+    for column in ("preset", "inference path", "params", "denoising steps", "median ms", "p90 ms", "ms per action"):
         table.add_column(column, justify="right")
     for name in args.presets:
         config = preset_with(name, args.set).make_config(preset_features(name), device="cpu")
