@@ -3,7 +3,7 @@
 Both run as real commands. Each is run for a short and a long step count; the throughput is
 (extra steps x batch) / (extra wall time), so start-up (imports, dataset loading) cancels out.
 
-    .venv/bin/python bench/bench_train_throughput.py [--episodes 20] [--steps 20 60]
+    .venv/bin/python bench/bench_train_throughput.py [--episodes 20] [--steps 50 250]
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def lerobot_cmd(dataset: Path, policy: Path, steps: int, batch: int, out: Path) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--episodes", type=int, default=20)
-    parser.add_argument("--steps", type=int, nargs=2, default=[20, 60])
+    parser.add_argument("--steps", type=int, nargs=2, default=[50, 250])
     parser.add_argument("--preset", default="pusht-state")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "fedbot-bench")
     args = parser.parse_args()
