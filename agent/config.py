@@ -20,6 +20,7 @@ An SO-100/SO-101 arm (README, "Bringing up a real arm"):
     calibration-dir = "/var/lib/fedbot/calibration"   # <robot-id>.json, made by lerobot-calibrate
     max-relative-target = 10.0            # degrees per action (gripper: percent)
     episode-seconds = 20.0
+    reset-seconds = 10.0                  # between recorded episodes, unrecorded: put the scene back
     [robot.cameras.front]
     index-or-path = "/dev/video0"         # a device index, a device path or a video file
     width = 640
@@ -69,6 +70,7 @@ class RobotSection:
     max_relative_target: float = 10.0
     torque_off_order: list[str] = field(default_factory=lambda: list(TORQUE_OFF_ORDER))
     episode_seconds: float = 20.0
+    reset_seconds: float = 10.0
     cameras: dict[str, CameraSettings] = field(default_factory=dict)
 
 
@@ -144,7 +146,8 @@ class AgentConfig:
         robot = self.robot
         return {"port": robot.port, "calibration_dir": self.calibration_dir, "fps": round(self.control.rate_hz),
                 "max_relative_target": robot.max_relative_target, "torque_off_order": tuple(robot.torque_off_order),
-                "episode_seconds": robot.episode_seconds, "cameras": robot.cameras}
+                "episode_seconds": robot.episode_seconds, "reset_seconds": robot.reset_seconds,
+                "cameras": robot.cameras}
 
     def teleop_settings(self) -> dict:
         """Keyword settings for hardware.factory.make_teleop."""
@@ -240,6 +243,8 @@ def _validate_arm(config: AgentConfig, bad) -> None:
         raise bad("robot.max-relative-target", "must be > 0")
     if robot.episode_seconds <= 0:
         raise bad("robot.episode-seconds", "must be > 0")
+    if robot.reset_seconds < 0:
+        raise bad("robot.reset-seconds", "must be >= 0")
     if sorted(robot.torque_off_order) != sorted(JOINTS):
         raise bad("robot.torque-off-order", f"must name each joint once: {list(JOINTS)}")
     for name, camera in robot.cameras.items():

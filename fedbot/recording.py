@@ -80,12 +80,16 @@ def record_episodes(
 
     Each successful attempt (every attempt with `keep_failed`) is committed before the next starts,
     so a crash loses at most the attempt in progress. `realtime` paces the loop at the robot's fps
-    (needed when a person operates); the scripted operator runs as fast as the CPU allows.
+    (needed when a person operates); the scripted operator runs as fast as the CPU allows. Between
+    attempts the operator keeps driving the robot, unrecorded, for the robot's `reset_seconds`, to
+    put the scene back (as lerobot-record's reset phase; the simulator needs none).
     """
     check_recording_seeds(seed_start, episodes)
     report = RecordingReport(total_episodes=store.num_episodes)
     period = 1.0 / robot.config.fps
     for seed in range(seed_start, seed_start + episodes):
+        if seed > seed_start and robot.config.reset_seconds > 0:
+            _drive_unrecorded(robot, operator, robot.config.reset_seconds, period)
         robot.reset(seed)
         operator.start_episode()
         dataset = store.begin_episode()
@@ -106,6 +110,16 @@ def record_episodes(
         if on_episode is not None:
             on_episode(seed, status)
     return report
+
+
+def _drive_unrecorded(robot: Robot, operator: Teleoperator, seconds: float, period: float) -> None:
+    """The reset phase: the operator drives the robot in real time for `seconds`; nothing is recorded."""
+    log.info("reset: %.0f s to put the scene back before the next episode", seconds)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        tick = time.perf_counter()
+        robot.send_action(operator.get_action())
+        precise_sleep(max(0.0, period - (time.perf_counter() - tick)))
 
 
 def _record_episode(robot: Robot, operator: Teleoperator, dataset, task: str, period: float | None):

@@ -33,6 +33,7 @@ class PushTSimConfig(RobotConfig):
     image_size: int = 96
     render_size: int = 256  # side of the frames rendered for videos and the mouse operator's window
     max_episode_steps: int = 300
+    reset_seconds: float = 0.0  # between recorded episodes: none, the simulator sets up each scene itself
 
 
 @dataclass(frozen=True)

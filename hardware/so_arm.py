@@ -169,6 +169,7 @@ class SOArmConfig(RobotConfig):
     max_relative_target: float = 10.0  # degrees per action (gripper: percent of its range)
     torque_off_order: tuple[str, ...] = TORQUE_OFF_ORDER
     episode_seconds: float = 20.0  # a recorded or policy episode on the bench
+    reset_seconds: float = 10.0  # between recorded episodes: the operator puts the scene back, unrecorded
     cameras: dict[str, CameraSettings] = field(default_factory=dict)
 
 

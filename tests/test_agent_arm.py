@@ -37,6 +37,7 @@ type = "so101_follower"
 port = "{directory / 'follower'}"
 calibration-dir = "calibration"
 episode-seconds = 1.0
+reset-seconds = 0.5
 [robot.cameras.front]
 index-or-path = "front.mp4"
 width = 64

@@ -8,7 +8,9 @@ import logging
 import numpy as np
 import pytest
 from arm_bench import RANGE, frame_index, waving_hand, write_calibration, write_video
+from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
+from fedbot.recording import open_store, record_episodes
 from hardware.cameras import CameraSettings
 from hardware.errors import CalibrationMissing, HardwareFault
 from hardware.factory import make_robot, make_teleop
@@ -263,3 +265,25 @@ port = "{tmp_path / 'leader'}"
     assert "lerobot-find-cameras" in findings["camera wrist"].fix
     assert findings["camera front"].detail.endswith("frame 64x48")
     assert len([part for part in findings if " motor " in part]) == 12
+
+
+def test_between_recorded_episodes_the_operator_puts_the_scene_back_unrecorded(bench):
+    tmp_path, follower, leader = bench
+    arm = _arm(tmp_path, episode_seconds=0.5, reset_seconds=0.5)
+    hand = make_teleop("so101_leader", id="arm-leader", port=str(tmp_path / "leader"),
+                       calibration_dir=tmp_path / "calibration")
+    arm.connect()
+    hand.connect()
+    store = open_store(tmp_path / "dataset", arm)
+    try:
+        report = record_episodes(arm, hand, store, episodes=2, seed_start=0, realtime=True)
+    finally:
+        store.close()
+        hand.disconnect()
+        arm.disconnect()
+    dataset = LeRobotDataset("fedbot/dataset", root=tmp_path / "dataset")
+    assert report.kept == 2 and dataset.meta.total_frames == 30  # 2 x 0.5 s at 30 Hz: no reset frames
+    states = np.stack([dataset[i][STATE_KEY].numpy() for i in range(30)])
+    within = np.abs(np.diff(states[:15], axis=0)).max()  # the most a joint moved in one recorded tick
+    # the follower kept copying the leader for the 0.5 s between the episodes
+    assert np.abs(states[15] - states[14]).max() > 3 * within
