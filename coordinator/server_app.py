@@ -165,6 +165,9 @@ def main(grid: Grid, context: Context) -> None:
     stats_record = stats_to_record(stats, list(stats))
     arrays = weights_to_record(loaded.policy)  # the float32 global model; sent in run.weights_dtype
     strategy = make_strategy(run)
+    evaluated = get_preset(run.preset).simulated
+    if not evaluated:
+        log.info("preset %s has no simulator: global models are not evaluated", run.preset)
     if start_round == 0:
         directory.save_model(0, loaded, {})
     else:
@@ -194,7 +197,7 @@ def main(grid: Grid, context: Context) -> None:
                "train-loss": train_metrics.get("train-loss") if train_metrics else None,
                "bytes-sent": sent, "bytes-received": received,
                "train-round-seconds": exchange_seconds, **phases}
-        if server_round % run.eval_every == 0 or server_round == run.num_server_rounds:
+        if evaluated and (server_round % run.eval_every == 0 or server_round == run.num_server_rounds):
             row.update(evaluate_round(grid, run, strategy, server_round, arrays, stats_record, loaded, directory))
         row["seconds"] = time.monotonic() - started
         if server_round % run.save_every == 0 or server_round == run.num_server_rounds:

@@ -29,6 +29,7 @@ class Preset:
     input_keys: tuple[str, ...]  # dataset keys; "prefix.*" stands for every key under prefix (cameras)
     batch_size: int
     config: dict = field(repr=False)
+    simulated: bool = True  # its policies can be evaluated in the PushT simulator
 
     def inputs(self, dataset_features: dict) -> list[str]:
         """The dataset keys this preset feeds the policy, patterns resolved against `dataset_features`."""
@@ -128,13 +129,14 @@ PRESETS: dict[str, Preset] = {
             _COMMON,
             down_dims=(64, 128, 256),
             noise_scheduler_type="DDIM",
-            num_inference_steps=10,  # 6 steps met the 50 ms target but lost coverage (BENCHMARKS.md)
+            num_inference_steps=10,  # 38-40 ms per chunk on one core; 6 or 8 steps lost coverage (BENCHMARKS.md)
         ),
     ),
     "so-arm-image": Preset(
         name="so-arm-image",
         input_keys=(STATE_KEY, "observation.images.*"),
         batch_size=32,
+        simulated=False,
         config=dict(
             _COMMON,
             resize_shape=(96, 128),

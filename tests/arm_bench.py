@@ -44,3 +44,34 @@ def waving_hand(t: float) -> dict[int, int]:
     """A person moving every joint of a leader arm slowly back and forth inside the calibrated range."""
     middle, amplitude = sum(RANGE) / 2, (RANGE[1] - RANGE[0]) / 4
     return {i: int(middle + amplitude * math.sin(1.5 * t + i)) for i in range(1, 7)}
+
+
+def record_arm_dataset(directory: Path, root: Path, episodes: int) -> int:
+    """`episodes` teleop episodes of 0.5 s at 30 Hz (no reset pause) from an emulated follower and
+    leader, with a video-file camera, into a dataset at `root`; the bench lives in `directory`.
+    Returns the dataset's episode count."""
+    from fedbot.recording import open_store, record_episodes
+    from hardware.cameras import CameraSettings
+    from hardware.factory import make_robot, make_teleop
+    from hardware.feetech_emulator import EmulatedBus
+
+    calibration = directory / "calibration"
+    write_calibration(calibration, "arm")
+    write_calibration(calibration, "arm-leader")
+    video = write_video(directory / "front.mp4", seconds=2.0)
+    camera = CameraSettings(str(video), width=CAMERA[1], height=CAMERA[0], fps=CAMERA_FPS)
+    with EmulatedBus(directory / "follower"), EmulatedBus(directory / "leader", hand=waving_hand):
+        arm = make_robot("so101_follower", "arm", port=str(directory / "follower"), fps=30,
+                         calibration_dir=calibration, episode_seconds=0.5, reset_seconds=0.0,
+                         cameras={"front": camera})
+        hand = make_teleop("so101_leader", id="arm-leader", port=str(directory / "leader"),
+                           calibration_dir=calibration)
+        arm.connect()
+        hand.connect()
+        store = open_store(root, arm)
+        try:
+            return record_episodes(arm, hand, store, episodes=episodes, seed_start=0, realtime=True).total_episodes
+        finally:
+            store.close()
+            hand.disconnect()
+            arm.disconnect()

@@ -15,6 +15,7 @@ import torch
 from agent.inbox import sha256_file
 from agent.supernode import FLOWER_ENVIRONMENT
 from fedbot.policy_io import load_policy
+from arm_bench import record_arm_dataset
 from helpers import assert_replies_hold_no_data, record_wander
 from processes import free_port
 
@@ -98,3 +99,28 @@ def test_two_robots_federate_evaluate_and_receive_the_model(tmp_path, superlink)
         (optimizer,) = (fleet / f"robot{robot}-outputs" / "optimizer").iterdir()
         assert torch.load(optimizer, weights_only=True)["step"] == 4
     assert_replies_hold_no_data(run_dir, fleet / "robot0", evaluation=True)
+
+
+def test_arms_federate_without_a_simulator(tmp_path, superlink):
+    """so-arm-image: SO arm datasets (joints + a camera) train and receive the model; no simulator
+    exists for them, so rounds are not evaluated."""
+    fleet, out = tmp_path / "fleet", tmp_path / "outputs"
+    for robot in range(2):
+        assert record_arm_dataset(tmp_path / f"bench{robot}", fleet / f"robot{robot}", 2) == 2
+    run_config = (f"sim-data-dir='{fleet}' output-dir='{out}' preset='so-arm-image' num-server-rounds=1 "
+                  "local-steps=2 batch-size=4 round-timeout=600.0")
+    result = subprocess.run(
+        [str(BIN / "flwr"), "run", ".", "sim", "--stream", "--run-config", run_config,
+         "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"],
+        cwd=PROJECT, env=superlink, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (run_dir,) = out.iterdir()
+    (row,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert row["robots"] == 2 and row["failed"] == 0 and row["train-loss"] > 0
+    assert not any(key.startswith(("server-", "client-")) for key in row)  # nothing was evaluated
+    assert not (run_dir / "evaluate").exists()
+    for robot in range(2):
+        (deployed,) = (fleet / f"robot{robot}-inbox").iterdir()
+        features = load_policy(deployed, device="cpu").policy.config.input_features
+        assert features["observation.state"].shape == (6,) and "observation.images.front" in features
