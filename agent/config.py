@@ -245,6 +245,9 @@ def _validate_arm(config: AgentConfig, bad) -> None:
         raise bad("robot.episode-seconds", "must be > 0")
     if robot.reset_seconds < 0:
         raise bad("robot.reset-seconds", "must be >= 0")
+    if config.checks.sim_gate_episodes:
+        raise bad("checks.sim-gate-episodes",
+                  f"must be 0 for a {robot.type}: the PushT simulator cannot run its policies")
     if sorted(robot.torque_off_order) != sorted(JOINTS):
         raise bad("robot.torque-off-order", f"must name each joint once: {list(JOINTS)}")
     for name, camera in robot.cameras.items():

@@ -66,11 +66,18 @@ def test_allowed_hours(hours, inside, outside):
     assert not any(within_hours(hour, hours) for hour in outside)
 
 
-def test_bad_config_names_the_key_and_the_file(tmp_path, capsys):
+@pytest.mark.parametrize("text,message", [
+    ('robot-id = "r1"\n[idle]\ncooldown = 3\n', "unknown key 'idle.cooldown'"),
+    ('robot-id = "r1"\n[robot]\ntype = "so101_follower"\nport = "/dev/ttyACM0"\nreset-seconds = -1.0\n',
+     "key 'robot.reset-seconds' must be >= 0"),
+    ('robot-id = "r1"\n[robot]\ntype = "so101_follower"\nport = "/dev/ttyACM0"\n[checks]\nsim-gate-episodes = 5\n',
+     "key 'checks.sim-gate-episodes' must be 0 for a so101_follower"),
+])
+def test_bad_config_names_the_key_and_the_file(tmp_path, capsys, text, message):
     config = tmp_path / "agent.toml"
-    config.write_text('robot-id = "r1"\n[idle]\ncooldown = 3\n')
+    config.write_text(text)
     assert agent_main(["--config", str(config)]) == 2  # what the fedbot-agent console script runs
-    assert f"{config}: unknown key 'idle.cooldown'" in capsys.readouterr().err
+    assert f"{config}: {message}" in capsys.readouterr().err
     assert not (tmp_path / "data").exists()
 
 
