@@ -174,8 +174,9 @@ class Agent:
         try:
             report = self._record(episodes, seed, task or self.config.teleop.task)
         except HardwareFault as fault:
-            raise RuntimeError(f"hardware fault, the episode in progress was discarded "
-                               f"({self.recording['kept']} kept this session): {fault}") from None
+            done, kept = self.recording["done"], self.recording["kept"]
+            raise RuntimeError(f"hardware fault, recording stopped after {done} of {episodes} episodes "
+                               f"({kept} kept; an unfinished episode is discarded): {fault}") from None
         finally:
             self.control.resume()
             with self._lock:

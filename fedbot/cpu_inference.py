@@ -1,7 +1,9 @@
-"""Faster CPU inference for lerobot's DiffusionPolicy, with the same results (BENCHMARKS.md, "Action-chunk
-inference latency"). `prepare_for_inference` changes the class of modules in place; parameters and
-state_dict are untouched, so checkpoints, weight transfer and training see the same model, and training
-(anything with gradients) and GPUs keep lerobot's and PyTorch's code. lerobot offers no such switch.
+"""Faster CPU inference for lerobot's DiffusionPolicy; results equal lerobot's to 1e-4, not bit for bit
+(BENCHMARKS.md, "Action-chunk inference latency"). `prepare_for_inference` changes the class of
+modules in place; parameters and state_dict are untouched, so checkpoints, weight transfer and
+training see the same model, and training (anything with gradients) and GPUs keep lerobot's and
+PyTorch's code, as a compiled UNet (lerobot's `compile_model`) keeps lerobot's denoising loop.
+lerobot offers no such switch.
 
 Convolutions. For one sample, PyTorch 2.11 sends `nn.Conv1d` to its im2col + GEMM fallback
 (`aten::_slow_conv2d_forward`; oneDNN is skipped for batch 1 and small inputs), and that GEMM
@@ -35,7 +37,7 @@ from lerobot.policies.utils import get_device_from_parameters, get_dtype_from_pa
 
 
 class InferenceConv1d(torch.nn.Conv1d):
-    """`nn.Conv1d` whose gradient-free CPU forward is unfold + `F.linear` (same result)."""
+    """`nn.Conv1d` whose gradient-free CPU forward is unfold + `F.linear` (equal to 1e-5)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or x.device.type != "cpu":
@@ -47,7 +49,7 @@ class InferenceConv1d(torch.nn.Conv1d):
 
 
 class InferenceConvTranspose1d(torch.nn.ConvTranspose1d):
-    """`nn.ConvTranspose1d` whose gradient-free CPU forward is `F.linear` + fold (same result)."""
+    """`nn.ConvTranspose1d` whose gradient-free CPU forward is `F.linear` + fold (equal to 1e-5)."""
 
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         if torch.is_grad_enabled() or x.device.type != "cpu" or output_size is not None:
@@ -67,7 +69,7 @@ class InferenceDiffusionModel(DiffusionModel):
 
     def conditional_sample(self, batch_size, global_cond=None, generator=None, noise=None):
         device, dtype = get_device_from_parameters(self), get_dtype_from_parameters(self)
-        if torch.is_grad_enabled() or device.type != "cpu":
+        if torch.is_grad_enabled() or device.type != "cpu" or self.config.compile_model:
             return super().conditional_sample(batch_size, global_cond, generator, noise)
         # from here on as lerobot's conditional_sample, except where the UNet is called
         sample = noise if noise is not None else torch.randn(
