@@ -116,6 +116,18 @@ def test_agent_on_an_arm(tmp_path):
         assert result["error"] is None and len(follower.goals) > start
         assert all(RANGE[0] <= goal <= RANGE[1] for _, goal, _ in follower.goals[start:])
 
+        # The cable is pulled while the policy drives the arm: the control loop ends the run with the
+        # fault (the agent keeps running), and the robot is reconnected once the port is back.
+        assert request(sock, "run") == {"running": True}  # until stopped
+        follower.unplug()
+        agent.wait_for(r"the policy run ended: hardware fault: arm on", timeout=60)
+        status = request(sock, "status")
+        assert status["state"] == "idle" and status["robot-connected"] is False
+        assert status["control"]["policy-error"].startswith("hardware fault: arm on")
+        assert "arm on" in status["hardware-fault"]
+        follower.plug()
+        agent.wait_for(r"robot reconnected", timeout=60)
+
         # A policy that cannot keep up (ten times the denoising steps: each chunk comes after the last
         # tick it was computed for): whenever no action is ready, the arm holds where it is.
         slow = tmp_path / "slow"
