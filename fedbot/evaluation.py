@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -83,6 +84,7 @@ def evaluate(
     if seed_start < EVAL_SEED_START:
         raise ValueError(f"evaluation seeds start at {EVAL_SEED_START} (lower seeds are for recording)")
     robot = PushTSim(PushTSimConfig(id="eval"))
+    check_simulator_runs(loaded, robot)
     robot.connect()
     results = []
     try:
@@ -105,6 +107,18 @@ def evaluate(
     if out is not None:
         write_json_atomic(Path(out) / "eval.json", asdict(report))
     return report
+
+
+def check_simulator_runs(loaded: LoadedPolicy, robot: PushTSim) -> None:
+    """Refuse, by name, a policy whose inputs or action the PushT simulator does not have (an arm's)."""
+    provided = {**robot.observation_features, **robot.action_features}
+    config = loaded.policy.config
+    wanted = {key: feature.shape for key, feature in {**config.input_features, **config.output_features}.items()}
+    wrong = {key: shape for key, shape in wanted.items()
+             if key not in provided or math.prod(shape) != math.prod(provided[key])}
+    if wrong:
+        raise ValueError(f"the PushT simulator cannot run this policy: it needs {wrong}, and the simulator has "
+                         f"{provided} (only policies trained on PushT data can be evaluated in it)")
 
 
 def print_report(report: EvalReport) -> None:
