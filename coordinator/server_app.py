@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from coordinator.config import RunConfig
 from coordinator.registry import RunDirectory
-from fedbot.evaluation import evaluate
+from fedbot.evaluation import evaluate, features_the_simulator_lacks
 from fedbot.policy_io import LoadedPolicy, load_policy
 from fedbot.presets import get_preset
 from fedbot.training import policy_from_stats
@@ -165,9 +165,9 @@ def main(grid: Grid, context: Context) -> None:
     stats_record = stats_to_record(stats, list(stats))
     arrays = weights_to_record(loaded.policy)  # the float32 global model; sent in run.weights_dtype
     strategy = make_strategy(run)
-    evaluated = get_preset(run.preset).simulated
+    evaluated = not features_the_simulator_lacks(loaded)
     if not evaluated:
-        log.info("preset %s has no simulator: global models are not evaluated", run.preset)
+        log.info("the PushT simulator cannot run %s policies: global models are not evaluated", run.preset)
     if start_round == 0:
         directory.save_model(0, loaded, {})
     else:

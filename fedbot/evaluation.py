@@ -84,7 +84,11 @@ def evaluate(
     if seed_start < EVAL_SEED_START:
         raise ValueError(f"evaluation seeds start at {EVAL_SEED_START} (lower seeds are for recording)")
     robot = PushTSim(PushTSimConfig(id="eval"))
-    check_simulator_runs(loaded, robot)
+    missing = features_the_simulator_lacks(loaded)
+    if missing:
+        raise ValueError(f"the PushT simulator cannot run this policy: it needs {missing}, and the simulator has "
+                         f"{robot.observation_features | robot.action_features} (only policies trained on PushT "
+                         "data can be evaluated in it)")
     robot.connect()
     results = []
     try:
@@ -109,16 +113,15 @@ def evaluate(
     return report
 
 
-def check_simulator_runs(loaded: LoadedPolicy, robot: PushTSim) -> None:
-    """Refuse, by name, a policy whose inputs or action the PushT simulator does not have (an arm's)."""
-    provided = {**robot.observation_features, **robot.action_features}
+def features_the_simulator_lacks(loaded: LoadedPolicy) -> dict[str, tuple]:
+    """The policy's inputs and action that the PushT simulator has not got (by key and size), e.g. an
+    arm's joints and cameras; empty when the simulator can run the policy."""
+    robot = PushTSim(PushTSimConfig(id="check"))  # not connected: only its feature shapes are read
+    provided = robot.observation_features | robot.action_features
     config = loaded.policy.config
-    wanted = {key: feature.shape for key, feature in {**config.input_features, **config.output_features}.items()}
-    wrong = {key: shape for key, shape in wanted.items()
-             if key not in provided or math.prod(shape) != math.prod(provided[key])}
-    if wrong:
-        raise ValueError(f"the PushT simulator cannot run this policy: it needs {wrong}, and the simulator has "
-                         f"{provided} (only policies trained on PushT data can be evaluated in it)")
+    wanted = {key: feature.shape for key, feature in (config.input_features | config.output_features).items()}
+    return {key: shape for key, shape in wanted.items()
+            if key not in provided or math.prod(shape) != math.prod(provided[key])}
 
 
 def print_report(report: EvalReport) -> None:

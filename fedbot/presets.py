@@ -29,7 +29,6 @@ class Preset:
     input_keys: tuple[str, ...]  # dataset keys; "prefix.*" stands for every key under prefix (cameras)
     batch_size: int
     config: dict = field(repr=False)
-    simulated: bool = True  # its policies can be evaluated in the PushT simulator
 
     def inputs(self, dataset_features: dict) -> list[str]:
         """The dataset keys this preset feeds the policy, patterns resolved against `dataset_features`."""
@@ -136,7 +135,6 @@ PRESETS: dict[str, Preset] = {
         name="so-arm-image",
         input_keys=(STATE_KEY, "observation.images.*"),
         batch_size=32,
-        simulated=False,
         config=dict(
             _COMMON,
             resize_shape=(96, 128),

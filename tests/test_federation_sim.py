@@ -59,19 +59,27 @@ def superlink(tmp_path):
     log.close()
 
 
+def run_on_two_virtual_robots(env: dict, fleet: Path, out: Path, run_config: str) -> Path:
+    """`flwr run` of this app on two virtual SuperNodes training on <fleet>/robot<i>; returns the run's
+    directory under `out`. Flower's exit status alone does not show a failed ServerApp: callers check
+    the run's own files."""
+    run_config = f"sim-data-dir='{fleet}' output-dir='{out}' {run_config}"
+    result = subprocess.run(
+        [str(BIN / "flwr"), "run", ".", "sim", "--stream", "--run-config", run_config,
+         "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"],
+        cwd=PROJECT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (run_dir,) = out.iterdir()
+    return run_dir
+
+
 def test_two_robots_federate_evaluate_and_receive_the_model(tmp_path, superlink):
     fleet, out = tmp_path / "fleet", tmp_path / "outputs"
     for robot in range(2):
         record_wander(fleet / f"robot{robot}", 2, steps=40, seed_start=10 * robot)
-    run_config = (f"sim-data-dir='{fleet}' output-dir='{out}' num-server-rounds=2 local-steps=2 batch-size=8 "
-                  "eval-episodes=1 round-timeout=600.0")
-    result = subprocess.run(
-        [str(BIN / "flwr"), "run", ".", "sim", "--stream", "--run-config", run_config,
-         "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"],
-        cwd=PROJECT, env=superlink, capture_output=True, text=True, timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (run_dir,) = out.iterdir()
+    run_dir = run_on_two_virtual_robots(superlink, fleet, out, "num-server-rounds=2 local-steps=2 batch-size=8 "
+                                        "eval-episodes=1 round-timeout=600.0")
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
@@ -107,15 +115,8 @@ def test_arms_federate_without_a_simulator(tmp_path, superlink):
     fleet, out = tmp_path / "fleet", tmp_path / "outputs"
     for robot in range(2):
         assert record_arm_dataset(tmp_path / f"bench{robot}", fleet / f"robot{robot}", 2) == 2
-    run_config = (f"sim-data-dir='{fleet}' output-dir='{out}' preset='so-arm-image' num-server-rounds=1 "
-                  "local-steps=2 batch-size=4 round-timeout=600.0")
-    result = subprocess.run(
-        [str(BIN / "flwr"), "run", ".", "sim", "--stream", "--run-config", run_config,
-         "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"],
-        cwd=PROJECT, env=superlink, capture_output=True, text=True, timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (run_dir,) = out.iterdir()
+    run_dir = run_on_two_virtual_robots(superlink, fleet, out, "preset='so-arm-image' num-server-rounds=1 "
+                                        "local-steps=2 batch-size=4 round-timeout=600.0")
     (row,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert row["robots"] == 2 and row["failed"] == 0 and row["train-loss"] > 0
     assert not any(key.startswith(("server-", "client-")) for key in row)  # nothing was evaluated
