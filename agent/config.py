@@ -8,6 +8,8 @@ Example (every key but robot-id has a default):
 
     [robot]                               # the hardware the agent owns
     type = "pusht_sim"                    # pusht_sim | so100_follower | so101_follower
+    scene-part = 0                        # pusht_sim: this robot's part of the scenes (the T's
+    scene-parts = 1                       # starting angle in sector scene-part of scene-parts)
     [teleop]                              # who demonstrates in `fedbot record`
     type = "pusht_expert"                 # pusht_expert | pusht_mouse | so100_leader | so101_leader
     style = "default"
@@ -64,6 +66,8 @@ TELEOP_TYPES = ("pusht_expert", "pusht_mouse", *LEADER_TYPES)
 @dataclass(frozen=True)
 class RobotSection:
     type: str = "pusht_sim"
+    scene_part: int = 0  # pusht_sim only: its scenes are part scene-part of scene-parts (hardware/pusht_sim.py)
+    scene_parts: int = 1
     # SO arms only (hardware/so_arm.py); the calibration file is <calibration-dir>/<robot-id>.json
     port: str | None = None
     calibration_dir: Path | None = None  # default: <data-dir>/calibration
@@ -142,7 +146,7 @@ class AgentConfig:
     def robot_settings(self) -> dict:
         """Keyword settings for hardware.factory.make_robot."""
         if self.robot.type == "pusht_sim":
-            return {}
+            return {"scene_part": self.robot.scene_part, "scene_parts": self.robot.scene_parts}
         robot = self.robot
         return {"port": robot.port, "calibration_dir": self.calibration_dir, "fps": round(self.control.rate_hz),
                 "max_relative_target": robot.max_relative_target, "torque_off_order": tuple(robot.torque_off_order),
@@ -213,6 +217,9 @@ def _validate(config: AgentConfig, source: str) -> None:
         raise bad("teleop.type", f"must be one of {TELEOP_TYPES}, got {config.teleop.type!r}")
     if config.teleop.type == "pusht_expert" and config.teleop.style not in STYLES:
         raise bad("teleop.style", f"must be one of {sorted(STYLES)}, got {config.teleop.style!r}")
+    if config.robot.scene_parts < 1 or not 0 <= config.robot.scene_part < config.robot.scene_parts:
+        raise bad("robot.scene-part", f"must lie in [0, scene-parts) with scene-parts >= 1, got "
+                                      f"{config.robot.scene_part} of {config.robot.scene_parts}")
     if config.robot.type in FOLLOWER_TYPES:
         _validate_arm(config, bad)
     if config.teleop.type in LEADER_TYPES and not config.teleop.port:

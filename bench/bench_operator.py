@@ -1,8 +1,9 @@
 """Benchmark the scripted PushT operator: every style on held-out seeds, in the PushT simulator.
 
     .venv/bin/python bench/bench_operator.py [--episodes 50] [--seed-start 100000] [--styles default swift]
+        [--scene-parts 4]
 
-Prints, per style: success rate, mean max coverage, mean episode length, mean CPU seconds per
+Prints, per style (and, with --scene-parts N, per part of the scenes, hardware/pusht_sim.py): success rate, mean max coverage, mean episode length, mean CPU seconds per
 episode (`time.process_time`; all of it, and the operator's share), and the largest target step
 and target-agent distance seen.
 """
@@ -69,35 +70,39 @@ def main() -> None:
     parser.add_argument("--seed-start", type=int, default=100000)
     parser.add_argument("--styles", nargs="*", default=list(STYLES))
     parser.add_argument("--operator-seed", type=int, default=0)
+    parser.add_argument("--scene-parts", type=int, default=1, help="also split the scenes into N parts")
     args = parser.parse_args()
 
-    robot = PushTSim(PushTSimConfig())
-    robot.connect()
     table = Table(title=f"PushT expert, seeds {args.seed_start}..{args.seed_start + args.episodes - 1}")
-    cols = ("style", "success", "mean max cov", "mean steps", "CPU s/ep", "operator CPU s/ep", "max step px",
+    cols = ("style", "scenes", "success", "mean max cov", "mean steps", "CPU s/ep", "operator CPU s/ep", "max step px",
             "max reach px")
     for col in cols:
         table.add_column(col, justify="left" if col == "style" else "right")
+    parts = [(0, 1)] + [(part, args.scene_parts) for part in range(args.scene_parts) if args.scene_parts > 1]
     for style in args.styles:
-        op = PushTExpert(PushTExpertConfig(style=style, seed=args.operator_seed))
-        op.connect()
-        op.attach(robot)
-        eps = [run_episode(robot, op, args.seed_start + i) for i in range(args.episodes)]
-        op.disconnect()
-        failed = [args.seed_start + i for i, e in enumerate(eps) if not e.success]
-        table.add_row(
-            style,
-            f"{np.mean([e.success for e in eps]):.0%}",
-            f"{np.mean([e.max_coverage for e in eps]):.3f}",
-            f"{np.mean([e.steps for e in eps]):.1f}",
-            f"{np.mean([e.cpu_s for e in eps]):.2f}",
-            f"{np.mean([e.op_cpu_s for e in eps]):.2f}",
-            f"{max(e.max_step for e in eps):.1f} (<= {MAX_TARGET_STEP:g})",
-            f"{max(e.max_reach for e in eps):.1f} (<= {MAX_REACH:g})",
-        )
-        if failed:
-            print(f"{style}: failed seeds {failed}", file=sys.stderr)
-    robot.disconnect()
+        for part in parts:
+            robot = PushTSim(PushTSimConfig(scene_part=part[0], scene_parts=part[1]))
+            robot.connect()
+            op = PushTExpert(PushTExpertConfig(style=style, seed=args.operator_seed))
+            op.connect()
+            op.attach(robot)
+            eps = [run_episode(robot, op, args.seed_start + i) for i in range(args.episodes)]
+            op.disconnect()
+            robot.disconnect()
+            failed = [args.seed_start + i for i, e in enumerate(eps) if not e.success]
+            table.add_row(
+                style,
+                "all" if part[1] == 1 else f"part {part[0]} of {part[1]}",
+                f"{np.mean([e.success for e in eps]):.0%}",
+                f"{np.mean([e.max_coverage for e in eps]):.3f}",
+                f"{np.mean([e.steps for e in eps]):.1f}",
+                f"{np.mean([e.cpu_s for e in eps]):.2f}",
+                f"{np.mean([e.op_cpu_s for e in eps]):.2f}",
+                f"{max(e.max_step for e in eps):.1f} (<= {MAX_TARGET_STEP:g})",
+                f"{max(e.max_reach for e in eps):.1f} (<= {MAX_REACH:g})",
+            )
+            if failed:
+                print(f"{style} {part}: failed seeds {failed}", file=sys.stderr)
     Console(width=140).print(table)
 
 

@@ -11,10 +11,12 @@ import socket
 import subprocess
 from pathlib import Path
 
+from lerobot.datasets.aggregate import aggregate_datasets
+
 from agent.supernode import BIN, SuperNodeSettings
 from fedbot.presets import Preset, get_preset
 from fedbot.recording import dataset_features, open_store, record_episodes
-from hardware.pusht_expert import PushTExpert, PushTExpertConfig
+from hardware.pusht_expert import STYLES, PushTExpert, PushTExpertConfig
 from hardware.pusht_sim import PushTSim, PushTSimConfig
 
 
@@ -35,22 +37,30 @@ def preset_features(name: str) -> dict:
 
 
 def preset_with(name: str, settings: list[str]) -> Preset:
-    """A preset with DiffusionConfig fields changed for a trial: ["kernel_size=3", "down_dims=[48,96,192]"]
-    (values in JSON). Lists become tuples, as the presets write them."""
-    changes = {}
+    """A preset with fields changed for a trial: Preset fields (batch_size, ema_power) or DiffusionConfig
+    fields, ["kernel_size=3", "down_dims=[48,96,192]", "ema_power=0.75"] (values in JSON). Lists become
+    tuples, as the presets write them."""
+    preset = get_preset(name)
+    own = {f.name for f in dataclasses.fields(Preset)}
+    changes, config = {}, dict(preset.config)
     for setting in settings:
         key, value = setting.split("=", 1)
         parsed = json.loads(value)
-        changes[key] = tuple(parsed) if isinstance(parsed, list) else parsed
-    preset = get_preset(name)
-    return dataclasses.replace(preset, config={**preset.config, **changes}) if changes else preset
+        parsed = tuple(parsed) if isinstance(parsed, list) else parsed
+        if key in own:
+            changes[key] = parsed
+        else:
+            config[key] = parsed
+    return dataclasses.replace(preset, config=config, **changes)
 
 
-def expert_dataset(root: Path, episodes: int, style: str = "default", seed_start: int = 0) -> Path:
-    """Record `episodes` expert attempts into `root` unless it already holds a dataset."""
+def expert_dataset(root: Path, episodes: int, style: str = "default", seed_start: int = 0,
+                   part: tuple[int, int] = (0, 1)) -> Path:
+    """Record `episodes` expert attempts into `root` unless it already holds a dataset; `part`:
+    (scene part, parts) of the robot's scenes (hardware/pusht_sim.py)."""
     if (root / "meta" / "info.json").exists():
         return root
-    robot = PushTSim(PushTSimConfig(id=root.name))
+    robot = PushTSim(PushTSimConfig(id=root.name, scene_part=part[0], scene_parts=part[1]))
     robot.connect()
     operator = PushTExpert(PushTExpertConfig(id="bench", style=style, seed=seed_start))
     operator.connect()
@@ -61,6 +71,23 @@ def expert_dataset(root: Path, episodes: int, style: str = "default", seed_start
     finally:
         store.close()
         robot.disconnect()
+    return root
+
+
+def fleet_datasets(work: Path, robots: int, episodes: int, split_scenes: bool) -> list[Path]:
+    """One expert dataset per simulated robot, as `fedbot sim` records them: robot i has operator style
+    i (in sorted order), recording seeds from i * 1000 and, with `split_scenes`, scene part i of `robots`."""
+    styles = sorted(STYLES)
+    return [expert_dataset(work / f"robot{i}", episodes, style=styles[i % len(styles)], seed_start=i * 1000,
+                           part=(i, robots) if split_scenes else (0, 1))
+            for i in range(robots)]
+
+
+def pooled_dataset(root: Path, datasets: list[Path]) -> Path:
+    """The robots' episodes in one dataset (lerobot's aggregate_datasets), unless `root` holds it."""
+    if not (root / "meta" / "info.json").exists():
+        aggregate_datasets([f"fedbot/{d.name}" for d in datasets], f"fedbot/{root.name}", roots=datasets,
+                           aggr_root=root)
     return root
 
 
@@ -100,3 +127,13 @@ def run_federation(work: Path, datasets: list[Path], run_config: str) -> list[di
                 pass
     (run_dir,) = (work / "outputs").iterdir()
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def wilson(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a success rate."""
+    if trials == 0:
+        return 0.0, 1.0
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * ((p * (1 - p) / trials + z * z / (4 * trials * trials)) ** 0.5) / (1 + z * z / trials)
+    return max(0.0, centre - half), min(1.0, centre + half)

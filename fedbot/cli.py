@@ -44,7 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--socket", type=Path, default=Path(os.environ.get("FEDBOT_AGENT_SOCKET", DEFAULT_SOCKET)),
                        help=f"the agent's control socket (default: $FEDBOT_AGENT_SOCKET or {DEFAULT_SOCKET})")
 
-    rec = sub.add_parser("record", parents=[agent], help="record teleoperated episodes into a LeRobot dataset",
+    scenes = argparse.ArgumentParser(add_help=False)
+    scenes.add_argument("--scene-part", type=_non_negative, default=0,
+                        help="the simulator's scenes restricted to this part (the T's starting angle in sector "
+                             "PART of --scene-parts)")
+    scenes.add_argument("--scene-parts", type=_positive, default=1, help="equal sectors of the T's starting angle "
+                                                                          "(default 1: the whole distribution)")
+
+    rec = sub.add_parser("record", parents=[agent, scenes], help="record teleoperated episodes into a LeRobot dataset",
                          description="A teleop session on the running agent (which owns the robot and its "
                                      "dataset), or with --sim --root, directly into a dataset directory.")
     rec.add_argument("--sim", action="store_true", help="record in the PushT simulator without an agent (needs --root)")
@@ -69,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
-    ev = sub.add_parser("eval", help="evaluate a saved policy in the PushT simulator")
+    ev = sub.add_parser("eval", parents=[scenes], help="evaluate a saved policy in the PushT simulator")
     ev.add_argument("--policy", type=Path, required=True, help="saved policy directory")
     ev.add_argument("--episodes", type=_positive, required=True)
     ev.add_argument("--seed-start", type=int, default=EVAL_SEED_START,
@@ -101,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--policy-episodes", type=_non_negative, default=3,
                      help="episodes each robot runs with the deployed model at the end (0: none)")
     sim.add_argument("--eval-episodes", type=_positive, default=2, help="server-side evaluation episodes per round")
+    sim.add_argument("--split-scenes", action="store_true",
+                     help="non-IID scenes: robot i records only scene part i of --robots (the T's starting angle "
+                          "in its own sector); held-out evaluation still draws from every scene")
     sim.add_argument("--out", type=Path, default=Path("outputs"), help="parent of the run directory")
     return parser
 
@@ -110,7 +120,8 @@ def cmd_record(args) -> int:
         raise ValueError("recording without an agent needs both --sim and --root DIR")
     if args.root is None:
         return _agent_command(args, "record", episodes=args.episodes, task=args.task)
-    report = _record(args.root, args.episodes, args.operator, args.style, args.seed, args.task, args.keep_failed)
+    report = _record(args.root, args.episodes, args.operator, args.style, args.seed, args.task, args.keep_failed,
+                     scenes=(args.scene_part, args.scene_parts))
     console.print(
         f"kept {report.kept} of {report.attempted} episodes ({report.successes} successful); "
         f"{args.root} now holds {report.total_episodes} episodes"
@@ -119,14 +130,14 @@ def cmd_record(args) -> int:
 
 
 def _record(root: Path, episodes: int, operator_kind: str, style: str, seed: int, task: str | None = None,
-            keep_failed: bool = False):
+            keep_failed: bool = False, scenes: tuple[int, int] = (0, 1)):
     """Record episodes in the sim with the chosen operator; prints one line per episode."""
     from fedbot.recording import check_recording_seeds, open_store, record_episodes
     from fedbot.scenes import DEFAULT_TASK
     from hardware.factory import make_robot, make_teleop
 
     check_recording_seeds(seed, episodes)  # before anything is created
-    robot = make_robot("pusht_sim", root.name)
+    robot = make_robot("pusht_sim", root.name, scene_part=scenes[0], scene_parts=scenes[1])
     operator = make_teleop(operator_kind, seed, style=style)
     robot.connect()
     operator.connect()
@@ -188,6 +199,7 @@ def cmd_eval(args) -> int:
     report = evaluate(
         load_policy(args.policy, args.device), args.episodes, args.out,
         seed_start=args.seed_start, videos=args.videos, policy_name=str(args.policy),
+        scenes=(args.scene_part, args.scene_parts),
     )
     print_report(report)
     console.print(f"results: {args.out / 'eval.json'}")
@@ -213,7 +225,7 @@ def cmd_sim(args) -> int:
 
     settings = FleetSettings(robots=args.robots, episodes=args.episodes, rounds=args.rounds,
                              local_steps=args.local_steps, policy_episodes=args.policy_episodes,
-                             eval_episodes=args.eval_episodes, out=args.out)
+                             eval_episodes=args.eval_episodes, split_scenes=args.split_scenes, out=args.out)
     run_fleet(settings, console)
     return 0
 

@@ -75,15 +75,17 @@ def evaluate(
     seed_start: int = EVAL_SEED_START,
     videos: int = 2,
     policy_name: str = "policy",
+    scenes: tuple[int, int] = (0, 1),
 ) -> EvalReport:
-    """Run `episodes` episodes on seeds seed_start.. (held out from recording).
+    """Run `episodes` episodes on seeds seed_start.. (held out from recording), drawn from every scene
+    or from part `scenes[0]` of `scenes[1]` (a robot's own part, hardware/pusht_sim.py).
 
     With `out`, writes `rollout_<seed>.mp4` for the first `videos` episodes and `eval.json`.
     """
     av.logging.set_level(av.logging.ERROR)  # libx264 otherwise prints its statistics per video
     if seed_start < EVAL_SEED_START:
         raise ValueError(f"evaluation seeds start at {EVAL_SEED_START} (lower seeds are for recording)")
-    robot = PushTSim(PushTSimConfig(id="eval"))
+    robot = PushTSim(PushTSimConfig(id="eval", scene_part=scenes[0], scene_parts=scenes[1]))
     missing = features_the_simulator_lacks(loaded)
     if missing:
         raise ValueError(f"the PushT simulator cannot run this policy: it needs {missing}, and the simulator has "

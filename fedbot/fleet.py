@@ -46,6 +46,7 @@ class FleetSettings:
     local_steps: int = 100
     policy_episodes: int = 3  # episodes each robot runs with its live model at the end
     eval_episodes: int = 2  # server-side evaluation per round
+    split_scenes: bool = False  # robot i records only scene part i of `robots` (non-IID scenes)
     out: Path = Path("outputs")
 
 
@@ -55,10 +56,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _agent_config(directory: Path, name: str, style: str, superlink: str) -> Path:
+def _agent_config(directory: Path, name: str, style: str, superlink: str, part: tuple[int, int]) -> Path:
     config = directory / "agent.toml"
     config.write_text(
         f'robot-id = "{name}"\ndata-dir = "data"\nsocket = "agent.sock"\n'
+        f'[robot]\nscene-part = {part[0]}\nscene-parts = {part[1]}\n'
         f'[teleop]\nstyle = "{style}"\n'
         f'[coordinator]\nsuperlink = "{superlink}"\nsupernode-port = {_free_port()}\n'
         "[idle]\nmin-new-episodes = 1\ncooldown-seconds = 0.0\n"
@@ -101,7 +103,8 @@ class Fleet:
         for i in range(s.robots):
             directory = self.run_dir / "robots" / f"robot{i}"
             directory.mkdir(parents=True)
-            config = _agent_config(directory, f"robot{i}", styles[i % len(styles)], f"127.0.0.1:{self.port}")
+            part = (i, s.robots) if s.split_scenes else (0, 1)
+            config = _agent_config(directory, f"robot{i}", styles[i % len(styles)], f"127.0.0.1:{self.port}", part)
             self._spawn([str(BIN / "fedbot-agent"), "--sim", "--config", str(config)], directory / "agent.log")
             self.robots.append(directory)
         for robot in self.robots:

@@ -29,6 +29,7 @@ class Preset:
     input_keys: tuple[str, ...]  # dataset keys; "prefix.*" stands for every key under prefix (cameras)
     batch_size: int
     config: dict = field(repr=False)
+    ema_power: float = 0.0  # > 0: train with an EMA of the weights (fedbot/training.py); 0: none
 
     def inputs(self, dataset_features: dict) -> list[str]:
         """The dataset keys this preset feeds the policy, patterns resolved against `dataset_features`."""

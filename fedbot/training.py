@@ -14,16 +14,20 @@ import json
 import logging
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers.training_utils import EMAModel
 from lerobot.common.train_utils import load_training_state, save_training_state
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
 from lerobot.datasets.video_utils import decode_video_frames
 from lerobot.policies.diffusion.configuration_diffusion import DiffusionConfig
 from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
 from lerobot.policies.factory import make_pre_post_processors
+from lerobot.utils.constants import CHECKPOINTS_DIR, LAST_CHECKPOINT_LINK, PRETRAINED_MODEL_DIR, TRAINING_STATE_DIR
+from safetensors.torch import load_file, save_file
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from fedbot.policy_io import LoadedPolicy, load_policy, publish_dir, save_policy
@@ -32,10 +36,9 @@ from hardware.pusht_sim import ACTION_KEY
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS_DIR = "checkpoints"
-LAST_LINK = "last"
-PRETRAINED_DIR = "pretrained_model"
+RAW_WEIGHTS_FILE = "raw_model.safetensors"
 RUN_FILE = "fedbot_train.json"
+EMA_MAX_DECAY = 0.9999  # the Diffusion Policy paper's ceiling
 
 
 def open_dataset(root: Path) -> LeRobotDataset:
@@ -100,25 +103,45 @@ class InMemoryFrames:
 
 @dataclass
 class TrainState:
-    """A policy being trained with its optimizer, scheduler and step counter."""
+    """A policy being trained with its optimizer, learning-rate schedule, step counter and, when the
+    recipe has one, an exponential moving average (EMA) of its weights.
+
+    The schedule is lerobot's (the preset's warmup then cosine decay) over `total_steps`; a federated
+    run spans it over all its rounds. With an EMA the averaged weights are the policy that is saved,
+    evaluated and deployed (as in the Diffusion Policy paper); the raw weights are what the optimizer
+    steps. diffusers' `EMAModel` with its warmup: decay 1 - (1 + step)^-power (BENCHMARKS.md).
+    """
 
     loaded: LoadedPolicy
     optimizer: torch.optim.Optimizer
     scheduler: object
+    ema: EMAModel | None = None
     step: int = 0
 
     @classmethod
-    def create(cls, loaded: LoadedPolicy, total_steps: int, lr: float | None = None) -> "TrainState":
-        """The preset's optimizer and warmup-cosine schedule, or a constant learning rate `lr`."""
+    def create(
+        cls, loaded: LoadedPolicy, total_steps: int, *, lr: float | None = None, ema_power: float = 0.0,
+        start_step: int = 0,
+    ) -> "TrainState":
+        """The preset's optimizer (learning rate `lr` if given) and schedule over `total_steps`,
+        positioned at `start_step`; an EMA of the weights when `ema_power` > 0."""
         config = loaded.policy.config
         optimizer = config.get_optimizer_preset().build(loaded.policy.parameters())
-        if lr is None:
-            scheduler = config.get_scheduler_preset().build(optimizer, num_training_steps=total_steps)
-        else:
+        if lr is not None:
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-        return cls(loaded, optimizer, scheduler)
+        scheduler = config.get_scheduler_preset().build(optimizer, num_training_steps=total_steps)
+        state = cls(loaded, optimizer, scheduler, ema=new_ema(loaded.policy, ema_power))
+        state.seek(start_step)
+        return state
+
+    def seek(self, step: int) -> None:
+        """Put the step counter, the schedule and the EMA's decay warmup at `step`."""
+        self.step = step
+        self.scheduler.last_epoch = step - 1
+        self.scheduler.step()  # sets every group's learning rate for `step`
+        if self.ema is not None:
+            self.ema.optimization_step = step
 
     def train_steps(
         self, frames: InMemoryFrames, steps: int, batch_size: int, generator, progress=None, penalty=None
@@ -135,12 +158,36 @@ class TrainState:
             torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm=10.0)
             self.optimizer.step()
             self.scheduler.step()
+            if self.ema is not None:
+                self.ema.step(policy.parameters())
             self.step += 1
             total += loss.item()
             if progress is not None:
                 progress(loss.item())
         policy.eval()
         return total / max(steps, 1)
+
+    @contextmanager
+    def averaged_weights(self):
+        """Within the block the policy holds the weights to save, evaluate or deploy: the EMA's when
+        there is one. The raw weights come back after it."""
+        if self.ema is None:
+            yield self.loaded
+            return
+        parameters = list(self.loaded.policy.parameters())
+        self.ema.store(parameters)
+        self.ema.copy_to(parameters)
+        try:
+            yield self.loaded
+        finally:
+            self.ema.restore(parameters)
+
+
+def new_ema(policy: torch.nn.Module, power: float) -> EMAModel | None:
+    """diffusers' EMA with the Diffusion Policy paper's warmup form; None when `power` is 0."""
+    if power <= 0.0:
+        return None
+    return EMAModel(policy.parameters(), decay=EMA_MAX_DECAY, use_ema_warmup=True, inv_gamma=1.0, power=power)
 
 
 def new_policy(preset: Preset, dataset: LeRobotDataset, device: str | None = None) -> LoadedPolicy:
@@ -157,7 +204,7 @@ def policy_from_stats(preset: Preset, features: dict, stats: dict, device: str |
 
 
 def last_checkpoint(out: Path) -> Path | None:
-    link = Path(out) / CHECKPOINTS_DIR / LAST_LINK
+    link = Path(out) / CHECKPOINTS_DIR / LAST_CHECKPOINT_LINK
     return link.resolve() if link.is_symlink() else None
 
 
@@ -171,14 +218,17 @@ def save_checkpoint(out: Path, state: TrainState, run: dict, keep: int = 3) -> P
     tmp = checkpoints / f".tmp-{state.step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_policy(tmp / PRETRAINED_DIR, state.loaded)
+    with state.averaged_weights() as averaged:
+        save_policy(tmp / PRETRAINED_MODEL_DIR, averaged)
     save_training_state(tmp, state.step, state.optimizer, state.scheduler)
+    if state.ema is not None:  # pretrained_model holds the EMA; these are the weights being trained
+        save_file(state.loaded.policy.state_dict(), tmp / TRAINING_STATE_DIR / RAW_WEIGHTS_FILE)
     (tmp / RUN_FILE).write_text(json.dumps(run, indent=2))
     publish_dir(tmp, final)
-    link_tmp = checkpoints / f".{LAST_LINK}-{os.getpid()}"
+    link_tmp = checkpoints / f".{LAST_CHECKPOINT_LINK}-{os.getpid()}"
     link_tmp.unlink(missing_ok=True)
     link_tmp.symlink_to(final.name)
-    os.replace(link_tmp, checkpoints / LAST_LINK)
+    os.replace(link_tmp, checkpoints / LAST_CHECKPOINT_LINK)
     for old in sorted(p for p in checkpoints.iterdir() if p.name.isdigit())[:-keep]:
         shutil.rmtree(old)
     return final
@@ -195,10 +245,12 @@ def train(
     seed: int = 0,
     device: str | None = None,
     show_progress: bool = True,
+    on_checkpoint=None,
 ) -> Path:
     """Train to `steps` total steps, resuming from `out`'s last checkpoint if there is one.
 
-    Returns the directory of the final policy (`checkpoints/last/pretrained_model`).
+    `on_checkpoint(path)` is called after each checkpoint is written. Returns the directory of the
+    final policy (`checkpoints/last/pretrained_model`).
     """
     dataset = open_dataset(dataset_root)
     run = {"dataset": str(Path(dataset_root).resolve()), "preset": preset.name, "steps": steps, "seed": seed}
@@ -210,15 +262,17 @@ def train(
                 f"{out} holds a run on {previous['dataset']} with preset {previous['preset']}; "
                 "use another --out for a different dataset or preset"
             )
-        loaded = load_policy(resume_from / PRETRAINED_DIR, device)
-        state = TrainState.create(loaded, steps)
-        state.step, state.optimizer, state.scheduler = load_training_state(
-            resume_from, state.optimizer, state.scheduler
-        )
+        loaded = load_policy(resume_from / PRETRAINED_MODEL_DIR, device)  # the EMA's weights, if any
+        state = TrainState.create(loaded, steps, ema_power=preset.ema_power)
+        step, state.optimizer, state.scheduler = load_training_state(resume_from, state.optimizer, state.scheduler)
+        state.seek(step)
+        if state.ema is not None:
+            raw = load_file(resume_from / TRAINING_STATE_DIR / RAW_WEIGHTS_FILE, device=str(loaded.device))
+            loaded.policy.load_state_dict(raw, strict=True)
         log.info("resuming from step %d (%s)", state.step, resume_from)
     else:
         torch.manual_seed(seed)
-        state = TrainState.create(new_policy(preset, dataset, device), steps)
+        state = TrainState.create(new_policy(preset, dataset, device), steps, ema_power=preset.ema_power)
     frames = InMemoryFrames(dataset, state.loaded.policy.config)
     generator = torch.Generator().manual_seed(seed + state.step)
     with Progress(
@@ -232,7 +286,9 @@ def train(
                 frames, chunk, preset.batch_size, generator,
                 progress=lambda loss: progress.update(task, advance=1, loss=loss),
             )
-            save_checkpoint(out, state, run, keep=keep_checkpoints)
+            saved = save_checkpoint(out, state, run, keep=keep_checkpoints)
+            if on_checkpoint is not None:
+                on_checkpoint(saved)
     if last_checkpoint(out) is None:  # steps == 0
         save_checkpoint(out, state, run, keep=keep_checkpoints)
-    return last_checkpoint(out) / PRETRAINED_DIR
+    return last_checkpoint(out) / PRETRAINED_MODEL_DIR

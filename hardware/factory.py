@@ -4,11 +4,12 @@ from __future__ import annotations
 
 
 def make_robot(kind: str, robot_id: str, **settings):
-    """A (not yet connected) robot of type `kind`; `settings` configure an SO arm (SOArmConfig fields)."""
+    """A (not yet connected) robot of type `kind`; `settings` are its config's fields (PushTSimConfig,
+    SOArmConfig)."""
     if kind == "pusht_sim":
         from hardware.pusht_sim import PushTSim, PushTSimConfig
 
-        return PushTSim(PushTSimConfig(id=robot_id))
+        return PushTSim(PushTSimConfig(id=robot_id, **settings))
     from hardware.so_arm import FOLLOWER_TYPES, SOArm, SOArmConfig
 
     if kind in FOLLOWER_TYPES:

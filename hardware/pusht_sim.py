@@ -5,6 +5,12 @@ dataset feature keys fedbot records (`observation.image`, `observation.state`,
 `observation.environment_state`, `action`), so recording and control code treat it like any robot.
 Episode placement (`reset`) and the episode outcome (`episode_status`) are what a person does and
 sees on a real bench; the sim answers them itself.
+
+A robot can be given one part of the scene distribution (`scene_part` of `scene_parts`): its T then
+always starts with an orientation in that sector of the circle, as if each lab of a fleet only met
+some of the situations. Each seed still draws gym-pusht's scene (agent and T positions, T angle);
+the angle is then mapped into the sector, so a part is the whole distribution conditioned on the
+T's starting angle.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from functools import cached_property
 import gym_pusht  # noqa: F401  (registers gym_pusht/PushT-v0)
 import gymnasium as gym
 import numpy as np
+from gymnasium.utils import seeding
 from lerobot.robots.config import RobotConfig
 from lerobot.robots.robot import Robot
 
@@ -34,6 +41,25 @@ class PushTSimConfig(RobotConfig):
     render_size: int = 256  # side of the frames rendered for videos and the mouse operator's window
     max_episode_steps: int = 300
     reset_seconds: float = 0.0  # between recorded episodes: none, the simulator sets up each scene itself
+    scene_part: int = 0  # this robot's part of the scenes: the T's starting angle in sector scene_part ...
+    scene_parts: int = 1  # ... of scene_parts equal sectors of [-pi, pi); 1: the whole distribution
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.scene_part < self.scene_parts:
+            raise ValueError(f"scene-part must lie in [0, scene-parts={self.scene_parts}), got {self.scene_part}")
+
+
+def scene_state(seed: int, part: int = 0, parts: int = 1) -> np.ndarray:
+    """The initial state gym-pusht draws for `seed` (agent x, y, T x, y, T angle), with the T's angle
+    mapped into sector `part` of `parts`. The draws repeat PushTEnv.reset's, in its order, from the
+    generator gymnasium seeds it with (tests/test_pusht_sim.py checks they give the same scene)."""
+    rng, _ = seeding.np_random(seed)
+    state = np.array([rng.integers(50, 450), rng.integers(50, 450), rng.integers(100, 400),
+                      rng.integers(100, 400), rng.uniform(-np.pi, np.pi)])
+    width = 2 * np.pi / parts
+    state[4] = -np.pi + width * (part + ((state[4] + np.pi) % (2 * np.pi)) / (2 * np.pi))
+    return state
 
 
 @dataclass(frozen=True)
@@ -101,9 +127,14 @@ class PushTSim(Robot):
         return self._env.unwrapped
 
     def reset(self, seed: int) -> None:
-        """Place the agent and the T for a new episode, as drawn by gym-pusht from `seed`."""
+        """Place the agent and the T for a new episode, as drawn by gym-pusht from `seed` (in this
+        robot's part of the scenes)."""
         self._require_connected()
-        self._env.reset(seed=seed)
+        if self.config.scene_parts == 1:
+            self._env.reset(seed=seed)
+        else:
+            state = scene_state(seed, self.config.scene_part, self.config.scene_parts)
+            self._env.reset(seed=seed, options={"reset_to_state": state})
         self._coverage = self.env._get_coverage()
         self._steps = 0
 

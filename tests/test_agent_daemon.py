@@ -72,6 +72,7 @@ def test_allowed_hours(hours, inside, outside):
      "key 'robot.reset-seconds' must be >= 0"),
     ('robot-id = "r1"\n[robot]\ntype = "so101_follower"\nport = "/dev/ttyACM0"\n[checks]\nsim-gate-episodes = 5\n',
      "key 'checks.sim-gate-episodes' must be 0 for a so101_follower"),
+    ('robot-id = "r1"\n[robot]\nscene-part = 4\nscene-parts = 4\n', "key 'robot.scene-part' must lie in [0, scene-parts)"),
 ])
 def test_bad_config_names_the_key_and_the_file(tmp_path, capsys, text, message):
     config = tmp_path / "agent.toml"

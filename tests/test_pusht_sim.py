@@ -6,7 +6,7 @@ import pytest
 from lerobot.robots.robot import Robot
 
 from hardware.pusht_mouse import PushTMouse, PushTMouseConfig
-from hardware.pusht_sim import ACTION_KEY, ENV_STATE_KEY, IMAGE_KEY, STATE_KEY, PushTSim, PushTSimConfig
+from hardware.pusht_sim import ACTION_KEY, ENV_STATE_KEY, IMAGE_KEY, STATE_KEY, PushTSim, PushTSimConfig, scene_state
 
 
 @pytest.fixture
@@ -76,3 +76,34 @@ def test_mouse_operator_holds_until_grabbed_then_follows(robot, monkeypatch):
         np.testing.assert_allclose(mouse.get_action()[ACTION_KEY], far)
     finally:
         mouse.disconnect()
+
+
+def test_scene_state_repeats_gym_pushts_own_draw(robot):
+    """The whole distribution (one part) through `scene_state` is exactly gym-pusht's scene per seed."""
+    for seed in (0, 5, 100_007):
+        robot.reset(seed)
+        drawn = robot.get_observation()
+        robot.env.reset(seed=seed, options={"reset_to_state": scene_state(seed)})
+        replayed = robot.get_observation()
+        for key in drawn:
+            np.testing.assert_array_equal(drawn[key], replayed[key])
+
+
+def test_a_scene_part_keeps_the_ts_start_angle_in_its_sector_and_the_rest_of_the_scene():
+    whole = PushTSim(PushTSimConfig(id="whole"))
+    part = PushTSim(PushTSimConfig(id="part", scene_part=1, scene_parts=4))  # angles in [-pi/2, 0)
+    whole.connect()
+    part.connect()
+    angles = []
+    for seed in range(100_000, 100_040):
+        whole.reset(seed)
+        part.reset(seed)
+        angle = (part.env.block.angle + np.pi) % (2 * np.pi) - np.pi
+        assert -np.pi / 2 <= angle < 0.0
+        angles.append(angle)
+        np.testing.assert_array_equal(whole.env.agent.position, part.env.agent.position)
+    assert np.ptp(angles) > np.pi / 4  # spread over the sector, not one scene
+    whole.disconnect()
+    part.disconnect()
+    with pytest.raises(ValueError, match="scene-part"):
+        PushTSimConfig(id="bad", scene_part=4, scene_parts=4)
