@@ -5,12 +5,16 @@ export HF_HUB_OFFLINE := 1
 export SVT_LOG := 1
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: sim test setup bench
+.PHONY: sim test lint setup bench
 sim: setup
 	$(VENV)/bin/fedbot sim $(ARGS)
 
-test: setup
+test: setup lint
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 setup: $(VENV)/.installed
 

@@ -21,18 +21,24 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
+from lerobot.utils.constants import ACTION
 
 from agent.federation import note_round
 from agent.inbox import write_to_inbox
 from agent.node import NodeSettings
-from coordinator.config import RunConfig
 from fedbot.atomic_files import write_bytes_atomic
 from fedbot.evaluation import evaluate
 from fedbot.policy_io import LoadedPolicy
 from fedbot.presets import get_preset
+from fedbot.run_config import RunConfig
 from fedbot.training import InMemoryFrames, TrainState, open_dataset, policy_from_stats
-from fedbot.transfer import load_weights, record_to_stats, stats_to_record, update_to_record, weights_vector
-from hardware.pusht_sim import ACTION_KEY
+from fedbot.transfer import (
+    load_weights,
+    record_to_stats,
+    stats_to_record,
+    update_to_record,
+    weights_vector,
+)
 
 app = ClientApp()
 OPTIMIZER_DIR = "optimizer"  # under the robot's output dir: run-<run id>.pt
@@ -61,10 +67,16 @@ def dataset_stats(msg: Message, context: Context) -> Message:
     """Summary statistics and feature shapes of the policy's inputs and actions in this robot's data."""
     run, node = _settings(context)
     meta = _metadata(node)
-    keys = [*get_preset(run.preset).inputs(meta.features), ACTION_KEY]
+    keys = [*get_preset(run.preset).inputs(meta.features), ACTION]
     features = {key: meta.features[key] for key in keys}
-    info = ConfigRecord({"features": json.dumps(features), "frames": meta.total_frames,
-                         "episodes": meta.total_episodes, "robot": node.name})
+    info = ConfigRecord(
+        {
+            "features": json.dumps(features),
+            "frames": meta.total_frames,
+            "episodes": meta.total_episodes,
+            "robot": node.name,
+        }
+    )
     return Message(RecordDict({"stats": stats_to_record(meta.stats, keys), "info": info}), reply_to=msg)
 
 
@@ -83,18 +95,34 @@ def train(msg: Message, context: Context) -> Message:
     seed = zlib.crc32(f"{run.seed}/{node.name}/{config.get('server-round', 0)}".encode())
     torch.manual_seed(seed)  # the diffusion noise; the generator below draws the batches
     started = time.time()
-    loss = state.train_steps(frames, run.local_steps, run.batch_size, torch.Generator().manual_seed(seed),
-                             penalty=penalty)
+    loss = state.train_steps(
+        frames, run.local_steps, run.batch_size, torch.Generator().manual_seed(seed), penalty=penalty
+    )
     trained = time.time()
     _save_optimizer(state, _optimizer_file(node, context))
     arrays = update_to_record(loaded.policy, received, run.weights_dtype)
-    note_round(node.output_dir, {"run": context.run_id, "round": int(config.get("server-round", 0)),
-                                 "episodes": dataset.meta.total_episodes, "time": time.time()})
+    note_round(
+        node.output_dir,
+        {
+            "run": context.run_id,
+            "round": int(config.get("server-round", 0)),
+            "episodes": dataset.meta.total_episodes,
+            "time": time.time(),
+        },
+    )
     # Where the round's time goes (bench/bench_round_overhead.py): the message's way here (created_at
     # is the coordinator's clock), setting up, training, and packing the reply.
-    metrics = MetricRecord({"num-examples": frames.num_frames, "train-loss": loss, "local-step": state.step,
-                            "inbound-seconds": entered - msg.metadata.created_at, "setup-seconds": started - entered,
-                            "train-seconds": trained - started, "pack-seconds": time.time() - trained})
+    metrics = MetricRecord(
+        {
+            "num-examples": frames.num_frames,
+            "train-loss": loss,
+            "local-step": state.step,
+            "inbound-seconds": entered - msg.metadata.created_at,
+            "setup-seconds": started - entered,
+            "train-seconds": trained - started,
+            "pack-seconds": time.time() - trained,
+        }
+    )
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 
@@ -139,8 +167,13 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     server_round = msg.content["config"].get("server-round", 0)
     out = node.output_dir / "evaluate" / f"round_{server_round}"
     report = evaluate(loaded, run.eval_episodes, out, videos=1, policy_name=f"global round {server_round}")
-    metrics = MetricRecord({"num-examples": run.eval_episodes, "success-rate": report.success_rate,
-                            "mean-max-coverage": report.mean_max_coverage})
+    metrics = MetricRecord(
+        {
+            "num-examples": run.eval_episodes,
+            "success-rate": report.success_rate,
+            "mean-max-coverage": report.mean_max_coverage,
+        }
+    )
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
@@ -152,4 +185,3 @@ def deploy(msg: Message, context: Context) -> Message:
     manifest = json.loads(msg.content["manifest"]["json"])
     path = write_to_inbox(node.model_inbox, loaded, manifest)
     return Message(RecordDict({"deployed": ConfigRecord({"path": str(path), "robot": node.name})}), reply_to=msg)
-

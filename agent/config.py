@@ -54,6 +54,7 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from fedbot.control_client import DEFAULT_SOCKET
 from fedbot.scenes import DEFAULT_TASK
 from fedbot.typed_config import ConfigError, from_mapping
 from hardware.cameras import CameraSettings
@@ -123,7 +124,7 @@ class ChecksSection:
 class AgentConfig:
     robot_id: str
     data_dir: Path = Path("/var/lib/fedbot")
-    socket: Path = Path("/run/fedbot/agent.sock")
+    socket: Path = DEFAULT_SOCKET
     robot: RobotSection = RobotSection()
     teleop: TeleopSection = TeleopSection()
     coordinator: CoordinatorSection = CoordinatorSection()
@@ -148,17 +149,26 @@ class AgentConfig:
         if self.robot.type == "pusht_sim":
             return {"scene_part": self.robot.scene_part, "scene_parts": self.robot.scene_parts}
         robot = self.robot
-        return {"port": robot.port, "calibration_dir": self.calibration_dir, "fps": round(self.control.rate_hz),
-                "max_relative_target": robot.max_relative_target, "torque_off_order": tuple(robot.torque_off_order),
-                "episode_seconds": robot.episode_seconds, "reset_seconds": robot.reset_seconds,
-                "cameras": robot.cameras}
+        return {
+            "port": robot.port,
+            "calibration_dir": self.calibration_dir,
+            "fps": round(self.control.rate_hz),
+            "max_relative_target": robot.max_relative_target,
+            "torque_off_order": tuple(robot.torque_off_order),
+            "episode_seconds": robot.episode_seconds,
+            "reset_seconds": robot.reset_seconds,
+            "cameras": robot.cameras,
+        }
 
     def teleop_settings(self) -> dict:
         """Keyword settings for hardware.factory.make_teleop."""
         teleop = self.teleop
         if teleop.type in LEADER_TYPES:
-            return {"id": f"{self.robot_id}-leader", "port": teleop.port,
-                    "calibration_dir": teleop.calibration_dir or self.calibration_dir}
+            return {
+                "id": f"{self.robot_id}-leader",
+                "port": teleop.port,
+                "calibration_dir": teleop.calibration_dir or self.calibration_dir,
+            }
         return {"style": teleop.style}
 
     @property
@@ -187,17 +197,24 @@ def load_config(path: Path, sim: bool = False) -> AgentConfig:
 
 def _relative_to(config: AgentConfig, base: Path) -> AgentConfig:
     """Relative paths in the file are relative to the file's directory."""
+
     def rel(path):
         return None if path is None else base / path
 
     coordinator, robot, teleop = config.coordinator, config.robot, config.teleop
-    cameras = {name: camera if not isinstance(camera.index_or_path, str)
-               else replace(camera, index_or_path=str(base / camera.index_or_path))
-               for name, camera in robot.cameras.items()}
+    cameras = {
+        name: camera
+        if not isinstance(camera.index_or_path, str)
+        else replace(camera, index_or_path=str(base / camera.index_or_path))
+        for name, camera in robot.cameras.items()
+    }
     return replace(
-        config, data_dir=base / config.data_dir, socket=base / config.socket,
-        coordinator=replace(coordinator, root_certificates=rel(coordinator.root_certificates),
-                            auth_key=rel(coordinator.auth_key)),
+        config,
+        data_dir=base / config.data_dir,
+        socket=base / config.socket,
+        coordinator=replace(
+            coordinator, root_certificates=rel(coordinator.root_certificates), auth_key=rel(coordinator.auth_key)
+        ),
         robot=replace(robot, calibration_dir=rel(robot.calibration_dir), cameras=cameras),
         teleop=replace(teleop, calibration_dir=rel(teleop.calibration_dir)),
     )
@@ -218,8 +235,11 @@ def _validate(config: AgentConfig, source: str) -> None:
     if config.teleop.type == "pusht_expert" and config.teleop.style not in STYLES:
         raise bad("teleop.style", f"must be one of {sorted(STYLES)}, got {config.teleop.style!r}")
     if config.robot.scene_parts < 1 or not 0 <= config.robot.scene_part < config.robot.scene_parts:
-        raise bad("robot.scene-part", f"must lie in [0, scene-parts) with scene-parts >= 1, got "
-                                      f"{config.robot.scene_part} of {config.robot.scene_parts}")
+        raise bad(
+            "robot.scene-part",
+            f"must lie in [0, scene-parts) with scene-parts >= 1, got "
+            f"{config.robot.scene_part} of {config.robot.scene_parts}",
+        )
     if config.robot.type in FOLLOWER_TYPES:
         _validate_arm(config, bad)
     if config.teleop.type in LEADER_TYPES and not config.teleop.port:
@@ -236,8 +256,10 @@ def _validate(config: AgentConfig, source: str) -> None:
         raise bad("checks.sim-gate-episodes", "must be >= 0")
     if config.idle.min_new_episodes < 0 or config.idle.cooldown_seconds < 0:
         raise bad("idle", "min-new-episodes and cooldown-seconds must be >= 0")
-    for key, value in (("coordinator.root-certificates", config.coordinator.root_certificates),
-                       ("coordinator.auth-key", config.coordinator.auth_key)):
+    for key, value in (
+        ("coordinator.root-certificates", config.coordinator.root_certificates),
+        ("coordinator.auth-key", config.coordinator.auth_key),
+    ):
         if value is not None and not value.is_file():
             raise bad(key, f"names {value}, which does not exist")
 
@@ -253,8 +275,9 @@ def _validate_arm(config: AgentConfig, bad) -> None:
     if robot.reset_seconds < 0:
         raise bad("robot.reset-seconds", "must be >= 0")
     if config.checks.sim_gate_episodes:
-        raise bad("checks.sim-gate-episodes",
-                  f"must be 0 for a {robot.type}: the PushT simulator cannot run its policies")
+        raise bad(
+            "checks.sim-gate-episodes", f"must be 0 for a {robot.type}: the PushT simulator cannot run its policies"
+        )
     if sorted(robot.torque_off_order) != sorted(JOINTS):
         raise bad("robot.torque-off-order", f"must name each joint once: {list(JOINTS)}")
     for name, camera in robot.cameras.items():

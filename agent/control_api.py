@@ -1,6 +1,7 @@
 """The agent's local control API: JSON requests over a Unix socket that only the agent's user and
 group may open (mode 0660). The `fedbot` CLI (status, record, run, stop, models, rollback) is its
-client. One request per connection: {"command": ..., **arguments} -> {"ok": bool, ...}.
+client (fedbot/control_client.py). One request per connection: {"command": ..., **arguments} ->
+{"ok": bool, ...}.
 """
 
 from __future__ import annotations
@@ -11,11 +12,10 @@ import os
 import socket
 import socketserver
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 log = logging.getLogger("fedbot.agent.api")
-DEFAULT_SOCKET = Path("/run/fedbot/agent.sock")
 MAX_REQUEST = 1 << 16
 
 
@@ -69,26 +69,3 @@ def _refuse_if_served(path: Path) -> None:
         except (ConnectionRefusedError, FileNotFoundError):
             return
     raise RuntimeError(f"another agent is serving {path}")
-
-
-def request(path: Path, command: str, timeout: float | None = None, **arguments) -> dict:
-    """Send one request to the agent at `path`; raises RuntimeError with the agent's error."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
-        client.settimeout(timeout)
-        try:
-            client.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise RuntimeError(f"no agent is listening on {path} (is fedbot-agent running?)") from None
-        except PermissionError:
-            raise RuntimeError(f"no permission to open {path} (join the agent's group)") from None
-        try:
-            client.sendall(json.dumps({"command": command, **arguments}).encode() + b"\n")
-            line = client.makefile("rb").readline()
-        except ConnectionError:
-            line = b""
-        if not line:
-            raise RuntimeError(f"the agent on {path} closed the connection without answering (did it stop?)")
-        reply = json.loads(line)
-    if not reply.pop("ok", False):
-        raise RuntimeError(reply.get("error", "the agent refused the request"))
-    return reply

@@ -151,14 +151,20 @@ class ControlLoop:
         starts = list(self._starts)
         periods = np.diff(starts) if len(starts) > 2 else np.zeros(1)
         jitter = np.abs(periods - self.period) * 1e3
-        return {"rate-hz": round(1.0 / self.period, 3), "ticks": self.ticks, "missed": self.missed,
-                "actions": self.actions,
-                "period-ms-mean": round(float(periods.mean()) * 1e3, 3),
-                "jitter-ms-p50": round(float(np.percentile(jitter, 50)), 3),
-                "jitter-ms-p99": round(float(np.percentile(jitter, 99)), 3),
-                "jitter-ms-max": round(float(jitter.max()), 3),
-                "starved-ticks": self.inference.starved, "holds": self.holds, "late-chunks": self.inference.late_chunks,
-                "inference-ms": round(self.inference.inference_seconds * 1e3, 1)}
+        return {
+            "rate-hz": round(1.0 / self.period, 3),
+            "ticks": self.ticks,
+            "missed": self.missed,
+            "actions": self.actions,
+            "period-ms-mean": round(float(periods.mean()) * 1e3, 3),
+            "jitter-ms-p50": round(float(np.percentile(jitter, 50)), 3),
+            "jitter-ms-p99": round(float(np.percentile(jitter, 99)), 3),
+            "jitter-ms-max": round(float(jitter.max()), 3),
+            "starved-ticks": self.inference.starved,
+            "holds": self.holds,
+            "late-chunks": self.inference.late_chunks,
+            "inference-ms": round(self.inference.inference_seconds * 1e3, 1),
+        }
 
     # -- the loop ----------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -242,8 +248,14 @@ class ControlLoop:
         if not status.done:
             return
         run = self._run
-        run.results.append({"seed": run.seed + len(run.results), "success": status.success,
-                            "coverage": status.coverage, "model": self.live_name})
+        run.results.append(
+            {
+                "seed": run.seed + len(run.results),
+                "success": status.success,
+                "coverage": status.coverage,
+                "model": self.live_name,
+            }
+        )
         outcome = {True: "success", False: "failed", None: "done (not judged)"}[status.success]
         log.info("policy episode %d: %s (coverage %.2f)", len(run.results), outcome, status.coverage)
         if run.episodes is not None and len(run.results) >= run.episodes:

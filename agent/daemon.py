@@ -32,13 +32,24 @@ from watchdog.observers import Observer
 from agent.config import AgentConfig
 from agent.controller import RUN, ControlLoop
 from agent.federation import SuperNode, rounds_joined
-from agent.models import CheckRules, ModelRejected, ModelStore, check_model, read_manifest, sim_gate_success
+from agent.models import (
+    CheckRules,
+    ModelRejected,
+    ModelStore,
+    check_model,
+    read_manifest,
+    sim_gate_success,
+)
 from agent.supernode import SuperNodeSettings
 from fedbot import service
-from fedbot.episode_store import committed_episodes
 from fedbot.atomic_files import write_json_atomic
+from fedbot.episode_store import committed_episodes
 from fedbot.policy_io import load_policy
-from fedbot.recording import EVAL_SEED_START, check_recording_seeds, open_store, record_episodes
+from fedbot.recording import (
+    EVAL_SEED_START,
+    check_recording_seeds,
+    record_session,
+)
 from hardware.errors import HardwareFault
 from hardware.factory import make_robot, make_teleop
 
@@ -57,13 +68,22 @@ class Agent:
         self.robot = make_robot(config.robot.type, config.robot_id, **config.robot_settings())
         self.control = ControlLoop(self.robot, config.control.rate_hz, config.control.inference_threads)
         self.models = ModelStore(config.model_dir, config.checks.keep_models)
-        self.rules = CheckRules(config.checks.sim_gate_episodes, config.checks.sim_gate_tolerance,
-                                config.control.device)
-        self.supernode = SuperNode(SuperNodeSettings(
-            superlink=config.coordinator.superlink, dataset_root=config.dataset_root,
-            model_inbox=self.models.inbox, output_dir=config.federation_dir, robot_id=config.robot_id,
-            port=config.coordinator.supernode_port, root_certificates=config.coordinator.root_certificates,
-            auth_key=config.coordinator.auth_key), config.data_dir / "supernode")
+        self.rules = CheckRules(
+            config.checks.sim_gate_episodes, config.checks.sim_gate_tolerance, config.control.device
+        )
+        self.supernode = SuperNode(
+            SuperNodeSettings(
+                superlink=config.coordinator.superlink,
+                dataset_root=config.dataset_root,
+                model_inbox=self.models.inbox,
+                output_dir=config.federation_dir,
+                robot_id=config.robot_id,
+                port=config.coordinator.supernode_port,
+                root_certificates=config.coordinator.root_certificates,
+                auth_key=config.coordinator.auth_key,
+            ),
+            config.data_dir / "supernode",
+        )
         self.last_swap: dict | None = None
         self.last_run: dict | None = None
         self.recording: dict | None = None
@@ -97,14 +117,22 @@ class Agent:
         self._observer.schedule(_InboxEvents(self._landed), str(self.models.inbox))
         self._observer.start()
         self._landed.put(("", time.monotonic()))  # models that landed while the agent was down
-        for target, name in ((self._process_inbox, "models"), (self._supervise, "supervisor"),
-                             (self._feed_watchdog, "watchdog")):
+        for target, name in (
+            (self._process_inbox, "models"),
+            (self._supervise, "supervisor"),
+            (self._feed_watchdog, "watchdog"),
+        ):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
-        log.info("agent for robot %s up: %s robot %s, live model %s, control at %.1f Hz", self.config.robot_id,
-                 self.config.robot.type, "connected" if self.robot.is_connected else "NOT connected",
-                 self.control.live_name, self.config.control.rate_hz)
+        log.info(
+            "agent for robot %s up: %s robot %s, live model %s, control at %.1f Hz",
+            self.config.robot_id,
+            self.config.robot.type,
+            "connected" if self.robot.is_connected else "NOT connected",
+            self.control.live_name,
+            self.config.control.rate_hz,
+        )
 
     def close(self) -> None:
         service.notify_stopping()
@@ -132,8 +160,10 @@ class Agent:
 
     def _require_robot(self) -> None:
         if not self.robot.is_connected:
-            raise RuntimeError(f"the robot is not connected ({getattr(self.robot, 'fault', None) or 'starting'}); "
-                               "the agent reconnects it when the device is back")
+            raise RuntimeError(
+                f"the robot is not connected ({getattr(self.robot, 'fault', None) or 'starting'}); "
+                "the agent reconnects it when the device is back"
+            )
 
     def _reconnect(self, now: float) -> None:
         self._next_reconnect = now + RECONNECT_PERIOD
@@ -175,8 +205,10 @@ class Agent:
             report = self._record(episodes, seed, task or self.config.teleop.task)
         except HardwareFault as fault:
             done, kept = self.recording["done"], self.recording["kept"]
-            raise RuntimeError(f"hardware fault, recording stopped after {done} of {episodes} episodes "
-                               f"({kept} kept; an unfinished episode is discarded): {fault}") from None
+            raise RuntimeError(
+                f"hardware fault, recording stopped after {done} of {episodes} episodes "
+                f"({kept} kept; an unfinished episode is discarded): {fault}"
+            ) from None
         finally:
             self.control.resume()
             with self._lock:
@@ -187,10 +219,6 @@ class Agent:
 
     def _record(self, episodes: int, seed: int, task: str):
         teleop = make_teleop(self.config.teleop.type, seed, **self.config.teleop_settings())
-        teleop.connect()
-        if hasattr(teleop, "attach"):
-            teleop.attach(self.robot)  # sim operators read the scene of the robot they operate
-        store = open_store(self.config.dataset_root, self.robot)
 
         def on_episode(scene: int, status) -> None:
             self._save_next_seed(scene + 1)
@@ -199,12 +227,15 @@ class Agent:
             self.recording["kept"] += kept
             log.info("recorded scene %d: %s", scene, "kept" if kept else "failed, not kept")
 
-        try:
-            return record_episodes(self.robot, teleop, store, episodes=episodes, seed_start=seed, task=task,
-                                   realtime=getattr(teleop, "realtime", False), on_episode=on_episode)
-        finally:
-            store.close()
-            teleop.disconnect()
+        return record_session(
+            self.robot,
+            teleop,
+            self.config.dataset_root,
+            episodes=episodes,
+            seed_start=seed,
+            task=task,
+            on_episode=on_episode,
+        )
 
     def _next_seed(self) -> int:
         path = self.config.data_dir / "recording.json"
@@ -230,10 +261,14 @@ class Agent:
         with self._lock:
             results = episode_run.results
             judged = [r["success"] for r in results if r["success"] is not None]  # a real bench judges none
-            self.last_run = {"episodes": len(results), "seed-start": seed,
-                             "models": sorted({r["model"] for r in results}),
-                             "success-rate": sum(judged) / len(judged) if judged else None,
-                             "error": self.control.error, "results": results}
+            self.last_run = {
+                "episodes": len(results),
+                "seed-start": seed,
+                "models": sorted({r["model"] for r in results}),
+                "success-rate": sum(judged) / len(judged) if judged else None,
+                "error": self.control.error,
+                "results": results,
+            }
             if self.state == RUNNING:
                 self._quiet_since = time.monotonic()
                 self._enter(IDLE, "policy episodes done")
@@ -299,10 +334,16 @@ class Agent:
             log.error("model %s was not taken by the control loop within %.0f s", stored.name, SWAP_TIMEOUT)
             return
         self.models.went_live(stored)
-        self.last_swap = {"model": stored.name, "latency-ms": round(ticket.latency * 1e3, 1),
-                          "tick": ticket.installed_tick}
-        log.info("model %s is live (%.1f ms from landing to the first tick on its weights)", stored.name,
-                 ticket.latency * 1e3)
+        self.last_swap = {
+            "model": stored.name,
+            "latency-ms": round(ticket.latency * 1e3, 1),
+            "tick": ticket.installed_tick,
+        }
+        log.info(
+            "model %s is live (%.1f ms from landing to the first tick on its weights)",
+            stored.name,
+            ticket.latency * 1e3,
+        )
         service.notify_status(self.status_line())
 
     def _sim_gate(self, name: str, loaded) -> None:
@@ -317,8 +358,10 @@ class Agent:
         reference = self._gate_scores[live.name]
         log.info("sim gate: %s %.0f%%, live %s %.0f%%", name, candidate * 100, live.name, reference * 100)
         if candidate < reference - tolerance:
-            raise ModelRejected(f"sim gate: success {candidate:.0%} on {episodes} scenes, the live model has "
-                                f"{reference:.0%} (tolerance {tolerance:.0%})")
+            raise ModelRejected(
+                f"sim gate: success {candidate:.0%} on {episodes} scenes, the live model has "
+                f"{reference:.0%} (tolerance {tolerance:.0%})"
+            )
         self._gate_scores[name] = candidate
 
     # -- federation -----------------------------------------------------------------------------------
@@ -352,10 +395,14 @@ class Agent:
                     code = self.supernode.exit_code()
                     self.supernode.stop()
                     self._supernode_failures += 1
-                    delay = min(2.0 ** self._supernode_failures, self.config.coordinator.retry_max_seconds)
+                    delay = min(2.0**self._supernode_failures, self.config.coordinator.retry_max_seconds)
                     self._next_supernode_start = now + delay
-                    log.warning("SuperNode exited with code %s (see %s); trying again in %.0f s", code,
-                                self.supernode.log_path, delay)
+                    log.warning(
+                        "SuperNode exited with code %s (see %s); trying again in %.0f s",
+                        code,
+                        self.supernode.log_path,
+                        delay,
+                    )
                     self._enter(IDLE, "SuperNode exited")
                 elif self.state == FEDERATING and now - self._supernode_started > STABLE_SUPERNODE:
                     self._supernode_failures = 0
@@ -384,17 +431,23 @@ class Agent:
         rounds = rounds_joined(self.config.federation_dir)
         live = self.models.live()
         return {
-            "robot": self.config.robot_id, "state": self.state,
+            "robot": self.config.robot_id,
+            "state": self.state,
             "live-model": None if live is None else {"name": live.name, **_summary(read_manifest(live))},
             "episodes": committed_episodes(self.config.dataset_root),
             "robot-connected": self.robot.is_connected,
             "hardware-fault": None if self.robot.is_connected else getattr(self.robot, "fault", None),
             "recording": self.recording,
-            "rounds-joined": len(rounds), "last-round": rounds[-1] if rounds else None,
-            "federation": {"supernode-pid": self.supernode.process.pid if self.supernode.alive() else None,
-                           "failures": self._supernode_failures, "blocked-by": self.idle_blockers()},
+            "rounds-joined": len(rounds),
+            "last-round": rounds[-1] if rounds else None,
+            "federation": {
+                "supernode-pid": self.supernode.process.pid if self.supernode.alive() else None,
+                "failures": self._supernode_failures,
+                "blocked-by": self.idle_blockers(),
+            },
             "control": {**self.control.timing(), "mode": self.control.mode, "policy-error": self.control.error},
-            "last-swap": self.last_swap, "last-run": self.last_run,
+            "last-swap": self.last_swap,
+            "last-run": self.last_run,
             "rejected": self.models.rejections()[:5],
         }
 
@@ -409,8 +462,9 @@ class Agent:
             return self.record(_positive(request, "episodes"), request.get("task"))
         if command == "run":
             episodes = request.get("episodes")
-            return self.run(None if episodes is None else _positive(request, "episodes"),
-                            int(request.get("seed", EVAL_SEED_START)))
+            return self.run(
+                None if episodes is None else _positive(request, "episodes"), int(request.get("seed", EVAL_SEED_START))
+            )
         if command == "stop":
             return self.stop()
         if command == "rollback":

@@ -64,8 +64,9 @@ class SuperNode:
         flwr_home.mkdir(exist_ok=True)
         self.process = start_group(self.settings.command(), self.settings.environment(flwr_home), self.log_path)
         (self.state_dir / PGID_FILE).write_text(str(self.process.pid))
-        log.info("SuperNode started (pid %d) towards %s; log %s", self.process.pid, self.settings.superlink,
-                 self.log_path)
+        log.info(
+            "SuperNode started (pid %d) towards %s; log %s", self.process.pid, self.settings.superlink, self.log_path
+        )
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None

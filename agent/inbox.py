@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
-from fedbot.policy_io import LoadedPolicy, publish_dir, save_policy
-
-MANIFEST = "manifest.json"
-WEIGHTS = "model.safetensors"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+from fedbot.atomic_files import publish_dir
+from fedbot.model_manifest import MANIFEST, WEIGHTS, sha256_file
+from fedbot.policy_io import LoadedPolicy, save_policy
 
 
 def write_to_inbox(inbox: Path, loaded: LoadedPolicy, manifest: dict) -> Path:

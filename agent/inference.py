@@ -94,8 +94,9 @@ class ChunkedInference:
         started = time.perf_counter()
         with torch.inference_mode():
             frames = [loaded.preprocessor(dict(observation)) for observation in history]
-            batch = {key: torch.stack([frame[key] for frame in frames], dim=1)
-                     for key in loaded.policy.config.input_features}
+            batch = {
+                key: torch.stack([frame[key] for frame in frames], dim=1) for key in loaded.policy.config.input_features
+            }
             chunk = loaded.postprocessor(loaded.policy.predict_action_chunk(batch))
         actions = chunk.squeeze(0).cpu().numpy()
         with self._lock:

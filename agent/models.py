@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from agent.inbox import MANIFEST, WEIGHTS, sha256_file
 from fedbot.atomic_files import write_json_atomic
 from fedbot.evaluation import evaluate
+from fedbot.model_manifest import MANIFEST, WEIGHTS, sha256_file
 from fedbot.policy_io import LoadedPolicy, load_policy
 from fedbot.scenes import EVAL_SEED_START
 
@@ -139,8 +139,11 @@ class ModelStore:
     def rejections(self) -> list[dict]:
         """Rejected models, newest first, with the reason."""
         entries = sorted(self.rejected.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
-        return [{"name": p.name, "reason": (p / REASON).read_text().strip() if (p / REASON).is_file() else "?"}
-                for p in entries if p.is_dir()]
+        return [
+            {"name": p.name, "reason": (p / REASON).read_text().strip() if (p / REASON).is_file() else "?"}
+            for p in entries
+            if p.is_dir()
+        ]
 
     # -- live model and history -------------------------------------------------------------------
     def history(self) -> list[str]:
@@ -159,7 +162,7 @@ class ModelStore:
     def went_live(self, model: Path) -> None:
         """Record that `model` (in the store) is now live; forget models beyond `keep`."""
         history = [name for name in self.history() if name != model.name] + [model.name]
-        self._write_history(history[-self.keep:])
+        self._write_history(history[-self.keep :])
 
     def rolled_back(self) -> None:
         """Record that the previous model is live again."""
@@ -177,6 +180,12 @@ class ModelStore:
         rows = []
         for name in reversed(history):
             manifest = read_manifest(self.store / name)
-            rows.append({"name": name, "round": manifest.get("round"), "sha256": manifest["sha256"],
-                         "live": name == history[-1]})
+            rows.append(
+                {
+                    "name": name,
+                    "round": manifest.get("round"),
+                    "sha256": manifest["sha256"],
+                    "live": name == history[-1],
+                }
+            )
         return rows

@@ -18,14 +18,15 @@ class NodeSettings:
     output_dir: Path
 
     @classmethod
-    def from_configs(cls, node_config: dict, sim_data_dir: str) -> "NodeSettings":
+    def from_configs(cls, node_config: dict, sim_data_dir: str) -> NodeSettings:
         if "dataset-root" in node_config:
             root = Path(str(node_config["dataset-root"]))
         elif "partition-id" in node_config:
             root = Path(sim_data_dir) / f"robot{node_config['partition-id']}"
         else:
-            raise ValueError("node config has no 'dataset-root' "
-                             "(flower-supernode --node-config \"dataset-root='DIR'\")")
+            raise ValueError(
+                "node config has no 'dataset-root' (flower-supernode --node-config \"dataset-root='DIR'\")"
+            )
         name = str(node_config.get("robot-id", root.name))
         return cls(
             name=name,

@@ -9,26 +9,11 @@ authentication it signs in with the robot's private key (`fedbot-coordinator cre
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-BIN = Path(sys.executable).parent  # flower-supernode and flower-superexec live beside python
-
-# The environment of every Flower process fedbot starts (SuperLink, SuperNode, ClientApps, `flwr`).
-FLOWER_ENVIRONMENT = {
-    # torch's OpenMP threads spin while they wait. Where a ClientApp or the ServerApp shares the
-    # cores (the robot's control loop, another ClientApp, the sim evaluation), spinning threads slow
-    # everyone down many times over; passive waiting costs little when the process has the cores.
-    "OMP_WAIT_POLICY": "PASSIVE",
-    # Flower reports usage events to telemetry.flower.ai by default, and a ClientApp's exit waits up
-    # to 4 s for that report. A robot talks to its coordinator only.
-    "FLWR_TELEMETRY_ENABLED": "0",
-    # How often the SuperNode's SuperExec looks for a message to start a ClientApp for (Flower's
-    # default 1 s, a local HTTP call each time).
-    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
-}
+from fedbot.flower_processes import BIN, flower_environment
 
 
 @dataclass(frozen=True)
@@ -44,15 +29,31 @@ class SuperNodeSettings:
 
     def node_config(self) -> str:
         """Flower's `--node-config` string; paths absolute, as the ClientApp runs elsewhere."""
-        values = {"dataset-root": Path(self.dataset_root).resolve(), "model-inbox": Path(self.model_inbox).resolve(),
-                  "output-dir": Path(self.output_dir).resolve(), "robot-id": self.robot_id}
+        values = {
+            "dataset-root": Path(self.dataset_root).resolve(),
+            "model-inbox": Path(self.model_inbox).resolve(),
+            "output-dir": Path(self.output_dir).resolve(),
+            "robot-id": self.robot_id,
+        }
         return " ".join(f"{key}='{value}'" for key, value in values.items())
 
     def command(self) -> list[str]:
         """flower-supernode under agent/warm_clientapp.py, which starts its ClientApps warm."""
-        command = [sys.executable, "-m", "agent.warm_clientapp", "--runtime-api-address", f"127.0.0.1:{self.port}",
-                   "--", str(BIN / "flower-supernode"), "--superlink", self.superlink, "--port", str(self.port),
-                   "--node-config", self.node_config()]
+        command = [
+            sys.executable,
+            "-m",
+            "agent.warm_clientapp",
+            "--runtime-api-address",
+            f"127.0.0.1:{self.port}",
+            "--",
+            str(BIN / "flower-supernode"),
+            "--superlink",
+            self.superlink,
+            "--port",
+            str(self.port),
+            "--node-config",
+            self.node_config(),
+        ]
         if self.root_certificates is None:
             command.append("--insecure")
         else:
@@ -62,5 +63,4 @@ class SuperNodeSettings:
         return command
 
     def environment(self, flwr_home: Path) -> dict[str, str]:
-        path = f"{BIN}:{os.environ.get('PATH', '')}"
-        return {**os.environ, **FLOWER_ENVIRONMENT, "FLWR_HOME": str(flwr_home), "PATH": path}
+        return flower_environment(flwr_home)

@@ -56,10 +56,18 @@ class ForkServerExecutor(SubprocessExecutor):
         if spec.task_type != TaskType.CLIENT_APP:
             return super().launch(spec)
         certificates = validate_and_resolve_root_certificates(spec.root_certificates_path, spec.insecure)
-        self.context.Process(target=run_clientapp, name=f"clientapp-{spec.task_id}", kwargs={
-            "runtime_api_address": spec.runtime_api_address, "token": spec.token, "insecure": spec.insecure,
-            "certificates": certificates, "parent_pid": spec.parent_pid,
-            "runtime_dependency_install": spec.runtime_dependency_install}).start()
+        self.context.Process(
+            target=run_clientapp,
+            name=f"clientapp-{spec.task_id}",
+            kwargs={
+                "runtime_api_address": spec.runtime_api_address,
+                "token": spec.token,
+                "insecure": spec.insecure,
+                "certificates": certificates,
+                "parent_pid": spec.parent_pid,
+                "runtime_dependency_install": spec.runtime_dependency_install,
+            },
+        ).start()
         return LaunchResult.accepted()
 
     def reconcile(self) -> None:

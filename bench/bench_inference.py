@@ -59,9 +59,12 @@ def main() -> None:
             times = chunk_times(policy, observation, repeats)
             median = statistics.median(times)
             table.add_row(
-                " ".join([name, *args.set]), path, f"{sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M",
+                " ".join([name, *args.set]),
+                path,
+                f"{sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M",
                 str(config.num_inference_steps),
-                f"{median:.0f}", f"{statistics.quantiles(times, n=10)[-1]:.0f}",
+                f"{median:.0f}",
+                f"{statistics.quantiles(times, n=10)[-1]:.0f}",
                 f"{median / config.n_action_steps:.1f}",
             )
     Console().print(table)

@@ -63,26 +63,50 @@ def main() -> None:
         if steps in done:
             return
         report = evaluate(load_policy(checkpoint / PRETRAINED_MODEL_DIR), args.eval)
-        row = {"steps": steps, "samples": steps * preset.batch_size, "success_rate": report.success_rate,
-               "successes": sum(e.success for e in report.episodes), "episodes": args.eval,
-               "mean_max_coverage": report.mean_max_coverage, "wall_s_this_process": time.monotonic() - started,
-               "settings": args.set, "seed": args.seed, "data": data.name, "threads": args.threads}
+        row = {
+            "steps": steps,
+            "samples": steps * preset.batch_size,
+            "success_rate": report.success_rate,
+            "successes": sum(e.success for e in report.episodes),
+            "episodes": args.eval,
+            "mean_max_coverage": report.mean_max_coverage,
+            "wall_s_this_process": time.monotonic() - started,
+            "settings": args.set,
+            "seed": args.seed,
+            "data": data.name,
+            "threads": args.threads,
+        }
         with open(results, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
 
-    train(dataset, preset, args.steps, args.work / "curve-runs" / args.name, save_every=args.every,
-          keep_checkpoints=2, seed=args.seed, show_progress=False, on_checkpoint=evaluate_checkpoint)
+    train(
+        dataset,
+        preset,
+        args.steps,
+        args.work / "curve-runs" / args.name,
+        save_every=args.every,
+        keep_checkpoints=2,
+        seed=args.seed,
+        show_progress=False,
+        on_checkpoint=evaluate_checkpoint,
+    )
 
     rows = sorted(map(json.loads, results.read_text().splitlines()), key=lambda r: r["steps"])
-    table = Table(title=f"{args.name} ({' '.join([args.preset, *args.set])}): {data.name} ({frames} frames), "
-                        f"{args.eval} held-out seeds, {machine()}")
+    table = Table(
+        title=f"{args.name} ({' '.join([args.preset, *args.set])}): {data.name} ({frames} frames), "
+        f"{args.eval} held-out seeds, {machine()}"
+    )
     for column in ("steps", "samples", "success rate (95% CI)", "mean max coverage"):
         table.add_column(column, justify="right")
     for row in rows:
         low, high = wilson(row["successes"], row["episodes"])
-        table.add_row(str(row["steps"]), f"{row['samples']:,}", f"{row['success_rate']:.0%} ({low:.0%}-{high:.0%})",
-                      f"{row['mean_max_coverage']:.3f}")
+        table.add_row(
+            str(row["steps"]),
+            f"{row['samples']:,}",
+            f"{row['success_rate']:.0%} ({low:.0%}-{high:.0%})",
+            f"{row['mean_max_coverage']:.3f}",
+        )
     Console().print(table)
 
 

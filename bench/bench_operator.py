@@ -3,9 +3,10 @@
     .venv/bin/python bench/bench_operator.py [--episodes 50] [--seed-start 100000] [--styles default swift]
         [--scene-parts 4]
 
-Prints, per style (and, with --scene-parts N, per part of the scenes, hardware/pusht_sim.py): success rate, mean max coverage, mean episode length, mean CPU seconds per
-episode (`time.process_time`; all of it, and the operator's share), and the largest target step
-and target-agent distance seen.
+Prints, per style (and, with --scene-parts N, per part of the scenes, hardware/pusht_sim.py):
+success rate, mean max coverage, mean episode length, mean CPU seconds per episode
+(`time.process_time`; all of it, and the operator's share), and the largest target step and
+target-agent distance seen.
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hardware.pusht_expert import MAX_REACH, MAX_TARGET_STEP, STYLES, PushTExpert, PushTExpertConfig  # noqa: E402
+from hardware.pusht_expert import (  # noqa: E402
+    MAX_REACH,
+    MAX_TARGET_STEP,
+    STYLES,
+    PushTExpert,
+    PushTExpertConfig,
+)
 from hardware.pusht_sim import PushTSim, PushTSimConfig  # noqa: E402
 
 
@@ -74,8 +81,17 @@ def main() -> None:
     args = parser.parse_args()
 
     table = Table(title=f"PushT expert, seeds {args.seed_start}..{args.seed_start + args.episodes - 1}")
-    cols = ("style", "scenes", "success", "mean max cov", "mean steps", "CPU s/ep", "operator CPU s/ep", "max step px",
-            "max reach px")
+    cols = (
+        "style",
+        "scenes",
+        "success",
+        "mean max cov",
+        "mean steps",
+        "CPU s/ep",
+        "operator CPU s/ep",
+        "max step px",
+        "max reach px",
+    )
     for col in cols:
         table.add_column(col, justify="left" if col == "style" else "right")
     parts = [(0, 1)] + [(part, args.scene_parts) for part in range(args.scene_parts) if args.scene_parts > 1]

@@ -31,21 +31,29 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=20, help="demonstrations per robot")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "fedbot-bench")
     args = parser.parse_args()
-    datasets = [expert_dataset(args.work / f"overhead-robot{i}", args.episodes, style=style, seed_start=1000 * i)
-                for i, style in enumerate(("default", "careful"))]
+    datasets = [
+        expert_dataset(args.work / f"overhead-robot{i}", args.episodes, style=style, seed_start=1000 * i)
+        for i, style in enumerate(("default", "careful"))
+    ]
     table = Table(title=f"round overhead, localhost deployment, 2 robots, pusht-state batch 64, {machine()}")
     phases = ("inbound", "setup", "train", "pack", "return")
     for column in ("local steps", "round", "training exchange s", *(f"{p} s" for p in phases), "not training"):
         table.add_column(column, justify="right")
     for steps in args.local_steps:
-        run_config = (f"num-server-rounds={args.rounds} local-steps={steps} eval-every={args.rounds + 1} "
-                      "eval-episodes=1 fraction-evaluate=0.0")
+        run_config = (
+            f"num-server-rounds={args.rounds} local-steps={steps} eval-every={args.rounds + 1} "
+            "eval-episodes=1 fraction-evaluate=0.0"
+        )
         rows = run_federation(args.work / f"overhead-run-{steps}", datasets, run_config)
         for row in rows:
             exchange = row["train-round-seconds"]
-            table.add_row(str(steps), str(row["round"]), f"{exchange:.1f}",
-                          *(f"{row[f'{p}-seconds']:.1f}" for p in phases),
-                          f"{1 - row['train-seconds'] / exchange:.0%}")
+            table.add_row(
+                str(steps),
+                str(row["round"]),
+                f"{exchange:.1f}",
+                *(f"{row[f'{p}-seconds']:.1f}" for p in phases),
+                f"{1 - row['train-seconds'] / exchange:.0%}",
+            )
     Console(width=160).print(table)
 
 

@@ -29,8 +29,9 @@ from rich.table import Table  # noqa: E402
 
 from agent.config import AgentConfig, ControlSection, CoordinatorSection  # noqa: E402
 from agent.daemon import Agent  # noqa: E402
-from agent.inbox import WEIGHTS, sha256_file, write_to_inbox  # noqa: E402
+from agent.inbox import write_to_inbox  # noqa: E402
 from bench.common import expert_dataset, machine  # noqa: E402
+from fedbot.model_manifest import WEIGHTS, sha256_file  # noqa: E402
 from fedbot.policy_io import load_policy, save_policy  # noqa: E402
 from fedbot.presets import get_preset  # noqa: E402
 from fedbot.training import train  # noqa: E402
@@ -77,9 +78,13 @@ def main() -> None:
     save_policy(work / "reference", loaded)
     sha = sha256_file(work / "reference" / WEIGHTS)
 
-    config = AgentConfig(robot_id="bench", data_dir=work / "agent", socket=work / "agent.sock",
-                         coordinator=CoordinatorSection(superlink="127.0.0.1:1"),
-                         control=ControlSection(rate_hz=args.rate, device="cpu", inference_threads=args.threads))
+    config = AgentConfig(
+        robot_id="bench",
+        data_dir=work / "agent",
+        socket=work / "agent.sock",
+        coordinator=CoordinatorSection(superlink="127.0.0.1:1"),
+        control=ControlSection(rate_hz=args.rate, device="cpu", inference_threads=args.threads),
+    )
     staged = [stage(work / "staging", loaded, i, sha) for i in range(args.swaps + 1)]
     agent = Agent(config)
     agent.start()
@@ -103,19 +108,25 @@ def main() -> None:
         agent.stop()
         agent.close()
 
-    table = Table(title=f"{args.swaps} hot-swaps at {args.rate:g} Hz, pusht-state, {args.threads} inference "
-                        f"thread(s), {machine()}")
+    table = Table(
+        title=f"{args.swaps} hot-swaps at {args.rate:g} Hz, pusht-state, {args.threads} inference "
+        f"thread(s), {machine()}"
+    )
     for column in ("measure", "value"):
         table.add_column(column)
     rows = [
         ("ticks during the swaps; actions sent", f"{ticks} in {elapsed:.0f} s; {actions}"),
         ("missed ticks", str(missed)),
-        ("tick jitter p50 / p99 / max (last 3000 ticks)",
-         f"{timing['jitter-ms-p50']:.2f} / {timing['jitter-ms-p99']:.2f} / {timing['jitter-ms-max']:.2f} ms"),
+        (
+            "tick jitter p50 / p99 / max (last 3000 ticks)",
+            f"{timing['jitter-ms-p50']:.2f} / {timing['jitter-ms-p99']:.2f} / {timing['jitter-ms-max']:.2f} ms",
+        ),
         ("ticks without an action ready (starved); late chunks (whole run)", f"{starved}; {timing['late-chunks']}"),
         ("chunk inference (decaying max)", f"{timing['inference-ms']:.0f} ms"),
-        ("swap latency p50 / p99 / max",
-         f"{statistics.median(latencies):.0f} / {np.percentile(latencies, 99):.0f} / {max(latencies):.0f} ms"),
+        (
+            "swap latency p50 / p99 / max",
+            f"{statistics.median(latencies):.0f} / {np.percentile(latencies, 99):.0f} / {max(latencies):.0f} ms",
+        ),
         ("RSS before / after", f"{rss_before:.0f} / {rss_after:.0f} MB"),
     ]
     for row in rows:

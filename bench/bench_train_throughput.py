@@ -31,23 +31,49 @@ BIN = Path(sys.executable).parent
 
 def timed(cmd: list[str]) -> float:
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   env={**os.environ, "HF_HUB_OFFLINE": "1", "SVT_LOG": "1"})
+    subprocess.run(
+        cmd,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "SVT_LOG": "1"},
+    )
     return time.perf_counter() - start
 
 
 def fedbot_cmd(dataset: Path, preset: str, steps: int, out: Path) -> list[str]:
-    return [str(BIN / "fedbot"), "train", "--dataset", str(dataset), "--preset", preset,
-            "--steps", str(steps), "--out", str(out), "--save-every", str(steps)]
+    return [
+        str(BIN / "fedbot"),
+        "train",
+        "--dataset",
+        str(dataset),
+        "--preset",
+        preset,
+        "--steps",
+        str(steps),
+        "--out",
+        str(out),
+        "--save-every",
+        str(steps),
+    ]
 
 
 def lerobot_cmd(dataset: Path, policy: Path, steps: int, batch: int, out: Path) -> list[str]:
     # The fedbot checkpoint carries the preset's full config (input features included), so
     # lerobot-train trains exactly the same model on the same inputs.
-    return [str(BIN / "lerobot-train"), f"--dataset.repo_id=fedbot/{dataset.name}", f"--dataset.root={dataset}",
-            f"--policy.path={policy}", "--policy.push_to_hub=false", f"--steps={steps}",
-            f"--batch_size={batch}", f"--output_dir={out}", "--wandb.enable=false",
-            f"--save_freq={steps}", f"--log_freq={steps}"]
+    return [
+        str(BIN / "lerobot-train"),
+        f"--dataset.repo_id=fedbot/{dataset.name}",
+        f"--dataset.root={dataset}",
+        f"--policy.path={policy}",
+        "--policy.push_to_hub=false",
+        f"--steps={steps}",
+        f"--batch_size={batch}",
+        f"--output_dir={out}",
+        "--wandb.enable=false",
+        f"--save_freq={steps}",
+        f"--log_freq={steps}",
+    ]
 
 
 def main() -> None:
@@ -69,8 +95,11 @@ def main() -> None:
         for steps in args.steps:
             out = args.work / f"out-{name.split()[0]}-{steps}"
             shutil.rmtree(out, ignore_errors=True)
-            cmd = (fedbot_cmd(dataset, args.preset, steps, out) if name == "fedbot train"
-                   else lerobot_cmd(dataset, policy, steps, preset.batch_size, out))
+            cmd = (
+                fedbot_cmd(dataset, args.preset, steps, out)
+                if name == "fedbot train"
+                else lerobot_cmd(dataset, policy, steps, preset.batch_size, out)
+            )
             walls.append(timed(cmd))
         rates[name] = (args.steps[1] - args.steps[0]) * preset.batch_size / (walls[1] - walls[0])
 

@@ -33,8 +33,9 @@ def main() -> None:
         seed = ArrayRecord(policy.state_dict()).count_bytes()
         fp32 = weights_to_record(policy, "float32").count_bytes()
         fp16 = weights_to_record(policy, "float16").count_bytes()
-        table.add_row(name, f"{seed / 1e6:.2f} MB", f"{fp32 / 1e6:.2f} MB", f"{fp16 / 1e6:.2f} MB",
-                      f"{fp16 / seed:.3f}")
+        table.add_row(
+            name, f"{seed / 1e6:.2f} MB", f"{fp32 / 1e6:.2f} MB", f"{fp16 / 1e6:.2f} MB", f"{fp16 / seed:.3f}"
+        )
     Console().print(table)
 
 

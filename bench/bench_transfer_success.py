@@ -35,22 +35,41 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "fedbot-bench")
     args = parser.parse_args()
-    datasets = [expert_dataset(args.work / f"transfer-robot{i}-{args.episodes}", args.episodes, style=style,
-                               seed_start=1000 * i) for i, style in enumerate(("default", "careful"))]
-    table = Table(title=f"final global model after {args.rounds} rounds x {args.local_steps} local steps, "
-                        f"2 robots x {args.episodes} demonstrations, {args.eval} held-out seeds, {machine()}")
-    for column in ("seed", "weights dtype", "bytes per robot per round", "train loss (last round)", "success rate",
-                   "mean max coverage"):
+    datasets = [
+        expert_dataset(
+            args.work / f"transfer-robot{i}-{args.episodes}", args.episodes, style=style, seed_start=1000 * i
+        )
+        for i, style in enumerate(("default", "careful"))
+    ]
+    table = Table(
+        title=f"final global model after {args.rounds} rounds x {args.local_steps} local steps, "
+        f"2 robots x {args.episodes} demonstrations, {args.eval} held-out seeds, {machine()}"
+    )
+    for column in (
+        "seed",
+        "weights dtype",
+        "bytes per robot per round",
+        "train loss (last round)",
+        "success rate",
+        "mean max coverage",
+    ):
         table.add_column(column, justify="right")
     for seed in args.seeds:
         for dtype in args.dtypes:
-            run_config = (f"num-server-rounds={args.rounds} local-steps={args.local_steps} weights-dtype='{dtype}' "
-                          f"seed={seed} eval-every={args.rounds} eval-episodes={args.eval} fraction-evaluate=0.0 "
-                          f"save-every={args.rounds}")
+            run_config = (
+                f"num-server-rounds={args.rounds} local-steps={args.local_steps} weights-dtype='{dtype}' "
+                f"seed={seed} eval-every={args.rounds} eval-episodes={args.eval} fraction-evaluate=0.0 "
+                f"save-every={args.rounds}"
+            )
             last = run_federation(args.work / f"transfer-run-{dtype}-seed{seed}", datasets, run_config)[-1]
-            table.add_row(str(seed), dtype, f"{last['bytes-received'] / last['robots'] / 1e6:.2f} MB",
-                          f"{last['train-loss']:.4f}", f"{last['server-success-rate']:.0%}",
-                          f"{last['server-mean-max-coverage']:.3f}")
+            table.add_row(
+                str(seed),
+                dtype,
+                f"{last['bytes-received'] / last['robots'] / 1e6:.2f} MB",
+                f"{last['train-loss']:.4f}",
+                f"{last['server-success-rate']:.0%}",
+                f"{last['server-mean-max-coverage']:.3f}",
+            )
             Console().print(table)
 
 

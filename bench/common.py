@@ -7,15 +7,15 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
 from lerobot.datasets.aggregate import aggregate_datasets
 
-from agent.supernode import BIN, SuperNodeSettings
+from agent.supernode import SuperNodeSettings
+from fedbot.flower_processes import BIN, free_port
 from fedbot.presets import Preset, get_preset
-from fedbot.recording import dataset_features, open_store, record_episodes
+from fedbot.recording import dataset_features, record_session
 from hardware.pusht_expert import STYLES, PushTExpert, PushTExpertConfig
 from hardware.pusht_sim import PushTSim, PushTSimConfig
 
@@ -29,10 +29,15 @@ def preset_features(name: str) -> dict:
     """Dataset features to build a preset's policy for: the PushT sim's, or an SO arm with one
     640x480 camera (hardware/so_arm.py names) for the so-arm presets."""
     if name.startswith("so-arm"):
-        return {"observation.state": {"dtype": "float32", "shape": (6,), "names": None},
-                "observation.images.front": {"dtype": "video", "shape": (480, 640, 3),
-                                             "names": ["height", "width", "channels"]},
-                "action": {"dtype": "float32", "shape": (6,), "names": None}}
+        return {
+            "observation.state": {"dtype": "float32", "shape": (6,), "names": None},
+            "observation.images.front": {
+                "dtype": "video",
+                "shape": (480, 640, 3),
+                "names": ["height", "width", "channels"],
+            },
+            "action": {"dtype": "float32", "shape": (6,), "names": None},
+        }
     return dataset_features(PushTSim(PushTSimConfig(id="bench")))
 
 
@@ -54,22 +59,24 @@ def preset_with(name: str, settings: list[str]) -> Preset:
     return dataclasses.replace(preset, config=config, **changes)
 
 
-def expert_dataset(root: Path, episodes: int, style: str = "default", seed_start: int = 0,
-                   part: tuple[int, int] = (0, 1)) -> Path:
+def expert_dataset(
+    root: Path, episodes: int, style: str = "default", seed_start: int = 0, part: tuple[int, int] = (0, 1)
+) -> Path:
     """Record `episodes` expert attempts into `root` unless it already holds a dataset; `part`:
     (scene part, parts) of the robot's scenes (hardware/pusht_sim.py)."""
     if (root / "meta" / "info.json").exists():
         return root
     robot = PushTSim(PushTSimConfig(id=root.name, scene_part=part[0], scene_parts=part[1]))
     robot.connect()
-    operator = PushTExpert(PushTExpertConfig(id="bench", style=style, seed=seed_start))
-    operator.connect()
-    operator.attach(robot)
-    store = open_store(root, robot)
     try:
-        record_episodes(robot, operator, store, episodes=episodes, seed_start=seed_start)
+        record_session(
+            robot,
+            PushTExpert(PushTExpertConfig(id="bench", style=style, seed=seed_start)),
+            root,
+            episodes=episodes,
+            seed_start=seed_start,
+        )
     finally:
-        store.close()
         robot.disconnect()
     return root
 
@@ -78,23 +85,25 @@ def fleet_datasets(work: Path, robots: int, episodes: int, split_scenes: bool) -
     """One expert dataset per simulated robot, as `fedbot sim` records them: robot i has operator style
     i (in sorted order), recording seeds from i * 1000 and, with `split_scenes`, scene part i of `robots`."""
     styles = sorted(STYLES)
-    return [expert_dataset(work / f"robot{i}", episodes, style=styles[i % len(styles)], seed_start=i * 1000,
-                           part=(i, robots) if split_scenes else (0, 1))
-            for i in range(robots)]
+    return [
+        expert_dataset(
+            work / f"robot{i}",
+            episodes,
+            style=styles[i % len(styles)],
+            seed_start=i * 1000,
+            part=(i, robots) if split_scenes else (0, 1),
+        )
+        for i in range(robots)
+    ]
 
 
 def pooled_dataset(root: Path, datasets: list[Path]) -> Path:
     """The robots' episodes in one dataset (lerobot's aggregate_datasets), unless `root` holds it."""
     if not (root / "meta" / "info.json").exists():
-        aggregate_datasets([f"fedbot/{d.name}" for d in datasets], f"fedbot/{root.name}", roots=datasets,
-                           aggr_root=root)
+        aggregate_datasets(
+            [f"fedbot/{d.name}" for d in datasets], f"fedbot/{root.name}", roots=datasets, aggr_root=root
+        )
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_federation(work: Path, datasets: list[Path], run_config: str) -> list[dict]:
@@ -105,17 +114,42 @@ def run_federation(work: Path, datasets: list[Path], run_config: str) -> list[di
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     coordinator = subprocess.Popen(
-        [str(BIN / "fedbot-coordinator"), "run", "--state-dir", str(work / "coordinator"), "--port", str(port),
-         "--output-dir", str(work / "outputs"), "--run-config", run_config],
-        stdout=open(work / "coordinator.log", "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        [
+            str(BIN / "fedbot-coordinator"),
+            "run",
+            "--state-dir",
+            str(work / "coordinator"),
+            "--port",
+            str(port),
+            "--output-dir",
+            str(work / "outputs"),
+            "--run-config",
+            run_config,
+        ],
+        stdout=open(work / "coordinator.log", "w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     robots = []
     for i, dataset in enumerate(datasets):
-        settings = SuperNodeSettings(superlink=f"127.0.0.1:{port}", dataset_root=dataset,
-                                     model_inbox=work / f"robot{i}-inbox", output_dir=work / f"robot{i}-outputs",
-                                     robot_id=f"robot{i}", port=free_port())
-        robots.append(subprocess.Popen(
-            settings.command(), stdout=open(work / f"robot{i}.log", "w"), stderr=subprocess.STDOUT,
-            env={**env, **settings.environment(work / f"robot{i}")}, start_new_session=True))
+        settings = SuperNodeSettings(
+            superlink=f"127.0.0.1:{port}",
+            dataset_root=dataset,
+            model_inbox=work / f"robot{i}-inbox",
+            output_dir=work / f"robot{i}-outputs",
+            robot_id=f"robot{i}",
+            port=free_port(),
+        )
+        robots.append(
+            subprocess.Popen(
+                settings.command(),
+                stdout=open(work / f"robot{i}.log", "w"),
+                stderr=subprocess.STDOUT,
+                env={**env, **settings.environment(work / f"robot{i}")},
+                start_new_session=True,
+            )
+        )
     try:
         if coordinator.wait(timeout=3600) != 0:
             raise RuntimeError(f"the coordinator failed; see {work / 'coordinator.log'}")

@@ -25,8 +25,14 @@ import threading
 from pathlib import Path
 
 from coordinator.credentials import ensure_robot_key, make_server_certificate
-from coordinator.superlink import BIN, CONNECTION, SuperLink, SuperLinkSettings
-from fedbot.service import configure_logging, notify_ready, notify_status, notify_stopping
+from coordinator.superlink import CONNECTION, SuperLink, SuperLinkSettings
+from fedbot.flower_processes import BIN
+from fedbot.service import (
+    configure_logging,
+    notify_ready,
+    notify_status,
+    notify_stopping,
+)
 
 log = logging.getLogger("fedbot.coordinator")
 PROJECT = Path(__file__).resolve().parents[1]  # the Flower app (pyproject [tool.flwr.app])
@@ -45,8 +51,9 @@ def submit_and_stream(superlink: SuperLink, app: Path, run_config: list[str]) ->
     command = [str(BIN / "flwr"), "run", str(app), CONNECTION, "--stream"]
     for config in run_config:
         command += ["--run-config", config]
-    stream = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=superlink.settings.environment())
+    stream = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=superlink.settings.environment()
+    )
 
     def cut_when_superlink_dies() -> None:
         superlink.process.wait()
@@ -71,8 +78,7 @@ def submit_and_stream(superlink: SuperLink, app: Path, run_config: list[str]) ->
     return runs[0]["status"] if runs else None
 
 
-def serve(settings: SuperLinkSettings, app: Path, run_config: list[str], register: list[Path],
-          restarts: int) -> int:
+def serve(settings: SuperLinkSettings, app: Path, run_config: list[str], register: list[Path], restarts: int) -> int:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     superlink = SuperLink(settings)
 
@@ -97,8 +103,13 @@ def serve(settings: SuperLinkSettings, app: Path, run_config: list[str], registe
                 log.info("run ended: %s", status)
                 notify_status(f"run ended: {status}")
                 return 0 if status == "finished:completed" else 1
-            log.warning("the SuperLink stopped during the run (exit %s); restart %d of %d, the run resumes "
-                        "from its last global model", superlink.process.returncode, attempt + 1, restarts)
+            log.warning(
+                "the SuperLink stopped during the run (exit %s); restart %d of %d, the run resumes "
+                "from its last global model",
+                superlink.process.returncode,
+                attempt + 1,
+                restarts,
+            )
             superlink.stop()
         log.error("giving up after %d SuperLink restarts", restarts)
         return 1
@@ -123,27 +134,53 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="start the SuperLink, submit the federated run, stream its log")
-    run.add_argument("--state-dir", type=Path, required=True,
-                     help="SuperLink database, its log and the flwr connection (FLWR_HOME=<state-dir>/flwr-home)")
+    run.add_argument(
+        "--state-dir",
+        type=Path,
+        required=True,
+        help="SuperLink database, its log and the flwr connection (FLWR_HOME=<state-dir>/flwr-home)",
+    )
     run.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on")
     run.add_argument("--port", type=int, default=9092, help="SuperLink port (Fleet, Control and ServerAppIo APIs)")
     run.add_argument("--tls", type=Path, metavar="DIR", help="serve TLS with DIR/ca.crt, server.pem, server.key")
     run.add_argument("--auth", action="store_true", help="only registered robots may join (needs --tls)")
-    run.add_argument("--register", type=Path, nargs="*", default=[], metavar="KEY.pub",
-                     help="robot public keys to register before the run")
-    run.add_argument("--register-dir", type=Path, action="append", default=[], metavar="DIR",
-                     help="register every DIR/*.pub too (repeatable; e.g. /etc/fedbot/robots for systemd)")
-    run.add_argument("--output-dir", type=Path, default=Path("outputs"),
-                     help="where runs, global models and metrics go (run-config output-dir)")
-    run.add_argument("--run-config", action="append", default=[], metavar="'k=v ...'",
-                     help="run-config overrides, as for `flwr run` (keys of pyproject [tool.flwr.app.config])")
+    run.add_argument(
+        "--register",
+        type=Path,
+        nargs="*",
+        default=[],
+        metavar="KEY.pub",
+        help="robot public keys to register before the run",
+    )
+    run.add_argument(
+        "--register-dir",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="register every DIR/*.pub too (repeatable; e.g. /etc/fedbot/robots for systemd)",
+    )
+    run.add_argument(
+        "--output-dir",
+        type=Path,
+        default=Path("outputs"),
+        help="where runs, global models and metrics go (run-config output-dir)",
+    )
+    run.add_argument(
+        "--run-config",
+        action="append",
+        default=[],
+        metavar="'k=v ...'",
+        help="run-config overrides, as for `flwr run` (keys of pyproject [tool.flwr.app.config])",
+    )
     run.add_argument("--app", type=Path, default=PROJECT, help="the Flower app to run (default: this repository)")
     run.add_argument("--restarts", type=int, default=3, help="SuperLink restarts before giving up")
 
     creds = commands.add_parser("credentials", help="create the CA, the SuperLink certificate and robot keys")
     creds.add_argument("--out", type=Path, required=True)
-    creds.add_argument("--host", action="append", required=True,
-                       help="a name or IP robots use to reach the SuperLink (repeatable)")
+    creds.add_argument(
+        "--host", action="append", required=True, help="a name or IP robots use to reach the SuperLink (repeatable)"
+    )
     creds.add_argument("--robot", action="append", default=[], help="a robot to create a key pair for (repeatable)")
 
     args = parser.parse_args(argv)
@@ -154,8 +191,9 @@ def main(argv: list[str] | None = None) -> int:
             for robot in args.robot:
                 print(f"robot {robot}: register {ensure_robot_key(args.out, robot)}")
             return 0
-        settings = SuperLinkSettings(state_dir=args.state_dir.resolve(), host=args.host, port=args.port,
-                                     tls_dir=args.tls, auth=args.auth)
+        settings = SuperLinkSettings(
+            state_dir=args.state_dir.resolve(), host=args.host, port=args.port, tls_dir=args.tls, auth=args.auth
+        )
         register = robot_keys(args.register, args.register_dir)
         run_config = [f"output-dir='{args.output_dir.resolve()}'", *args.run_config]
         return serve(settings, args.app.resolve(), run_config, register, args.restarts)

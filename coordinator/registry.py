@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from agent.inbox import MANIFEST, WEIGHTS, sha256_file
-from coordinator.config import RunConfig
 from fedbot.atomic_files import write_json_atomic
+from fedbot.model_manifest import MANIFEST, WEIGHTS, sha256_file
 from fedbot.policy_io import LoadedPolicy, save_policy
+from fedbot.run_config import RunConfig
 
 log = logging.getLogger("fedbot.coordinator.registry")
 
@@ -44,7 +44,7 @@ class RunDirectory:
 
     # -- resume -----------------------------------------------------------------------------
     @classmethod
-    def open(cls, run: RunConfig) -> "RunDirectory":
+    def open(cls, run: RunConfig) -> RunDirectory:
         """The latest unfinished run in the output dir with the same settings, or a new run."""
         output = Path(run.output_dir)
         for candidate in sorted(output.glob("*/state.json"), reverse=True):
@@ -70,8 +70,13 @@ class RunDirectory:
         latest = self.registry["latest"]
         return (latest, self.models / f"round_{latest}") if latest is not None else None
 
-    def save_model(self, server_round: int, loaded: LoadedPolicy, metrics: dict,
-                   strategy_state: dict[str, np.ndarray] | None = None) -> dict:
+    def save_model(
+        self,
+        server_round: int,
+        loaded: LoadedPolicy,
+        metrics: dict,
+        strategy_state: dict[str, np.ndarray] | None = None,
+    ) -> dict:
         """Save the global model of a round with its manifest and update the registry."""
         registry = self.registry
         directory = self.models / f"round_{server_round}"
@@ -147,5 +152,8 @@ class RunDirectory:
 
 def _score(manifest: dict) -> tuple:
     metrics = manifest["metrics"]
-    return (metrics.get("server-success-rate") or 0.0, metrics.get("server-mean-max-coverage") or 0.0,
-            manifest["round"])
+    return (
+        metrics.get("server-success-rate") or 0.0,
+        metrics.get("server-mean-max-coverage") or 0.0,
+        manifest["round"],
+    )

@@ -18,14 +18,20 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
-from coordinator.config import RunConfig
 from coordinator.registry import RunDirectory
 from fedbot.evaluation import evaluate, features_the_simulator_lacks
 from fedbot.policy_io import LoadedPolicy, load_policy
 from fedbot.presets import get_preset
+from fedbot.run_config import RunConfig
 from fedbot.training import policy_from_stats
 from fedbot.transfer import (
-    aggregate_node_stats, apply_update, cast_record, describe_content, load_weights, record_to_stats, stats_to_record,
+    aggregate_node_stats,
+    apply_update,
+    cast_record,
+    describe_content,
+    load_weights,
+    record_to_stats,
+    stats_to_record,
     weights_to_record,
 )
 
@@ -36,9 +42,13 @@ REPLY_POLL_S = 0.25
 
 
 def make_strategy(run: RunConfig):
-    common = dict(fraction_train=run.fraction_train, fraction_evaluate=run.fraction_evaluate,
-                  min_train_nodes=run.min_nodes, min_evaluate_nodes=run.min_nodes,
-                  min_available_nodes=run.min_nodes)
+    common = dict(
+        fraction_train=run.fraction_train,
+        fraction_evaluate=run.fraction_evaluate,
+        min_train_nodes=run.min_nodes,
+        min_evaluate_nodes=run.min_nodes,
+        min_available_nodes=run.min_nodes,
+    )
     if run.strategy == "fedprox":
         return FedProx(**common, proximal_mu=run.proximal_mu)
     if run.strategy == "fedadam":
@@ -146,8 +156,9 @@ def trained_weights(replies: list[Message], arrays) -> list[Message]:
 def main(grid: Grid, context: Context) -> None:
     # stdout, which Flower streams to `flwr run --stream` / `flwr log`; force: imports may have
     # configured the root logger already. Other libraries' INFO (every HTTP request) stays out.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stdout, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stdout, force=True, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("fedbot").setLevel(logging.INFO)
     run = RunConfig.from_run_config(context.run_config)
     directory = RunDirectory.open(run)
@@ -193,16 +204,23 @@ def main(grid: Grid, context: Context) -> None:
         else:
             arrays = new_arrays
             load_weights(loaded.policy, arrays)
-        row = {"round": server_round, "robots": len(good), "failed": failed,
-               "train-loss": train_metrics.get("train-loss") if train_metrics else None,
-               "bytes-sent": sent, "bytes-received": received,
-               "train-round-seconds": exchange_seconds, **phases}
+        row = {
+            "round": server_round,
+            "robots": len(good),
+            "failed": failed,
+            "train-loss": train_metrics.get("train-loss") if train_metrics else None,
+            "bytes-sent": sent,
+            "bytes-received": received,
+            "train-round-seconds": exchange_seconds,
+            **phases,
+        }
         if evaluated and (server_round % run.eval_every == 0 or server_round == run.num_server_rounds):
             row.update(evaluate_round(grid, run, strategy, server_round, arrays, stats_record, loaded, directory))
         row["seconds"] = time.monotonic() - started
         if server_round % run.save_every == 0 or server_round == run.num_server_rounds:
-            directory.save_model(server_round, loaded, {k: v for k, v in row.items() if k != "round"},
-                                 strategy_state(strategy))
+            directory.save_model(
+                server_round, loaded, {k: v for k, v in row.items() if k != "round"}, strategy_state(strategy)
+            )
         directory.append_metrics(row)
         log.info("round %d: %s", server_round, row)
 
@@ -217,17 +235,25 @@ def round_phases(replies: list[Message]) -> dict:
     `created_at` is the robot's clock; the split is exact only where both clocks agree)."""
     if not replies:
         return {}
-    phases = {f"{phase}-seconds": max(r.content["metrics"][f"{phase}-seconds"] for r in replies)
-              for phase in ("inbound", "setup", "train", "pack")}
+    phases = {
+        f"{phase}-seconds": max(r.content["metrics"][f"{phase}-seconds"] for r in replies)
+        for phase in ("inbound", "setup", "train", "pack")
+    }
     phases["return-seconds"] = time.time() - max(r.metadata.created_at for r in replies)
     return phases
 
 
-def evaluate_round(grid, run, strategy, server_round, arrays, stats_record, loaded: LoadedPolicy,
-                   directory: RunDirectory) -> dict:
+def evaluate_round(
+    grid, run, strategy, server_round, arrays, stats_record, loaded: LoadedPolicy, directory: RunDirectory
+) -> dict:
     """Server-side evaluation in the sim on held-out seeds, then the robots' own evaluation."""
-    report = evaluate(loaded, run.eval_episodes, directory.root / "evaluate" / f"round_{server_round}" / "server",
-                      videos=1, policy_name=f"global round {server_round}")
+    report = evaluate(
+        loaded,
+        run.eval_episodes,
+        directory.root / "evaluate" / f"round_{server_round}" / "server",
+        videos=1,
+        policy_name=f"global round {server_round}",
+    )
     result = {"server-success-rate": report.success_rate, "server-mean-max-coverage": report.mean_max_coverage}
     fit_to_live_nodes(strategy, run, wait_for_nodes(grid, 1))
     messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
@@ -246,8 +272,9 @@ def deploy(grid: Grid, run: RunConfig, directory: RunDirectory, arrays, stats_re
     final_round, path = directory.latest_model()
     manifest = json.loads((path / "manifest.json").read_text())
     nodes = list(grid.get_node_ids())
-    content = RecordDict({"arrays": arrays, "stats": stats_record,
-                          "manifest": ConfigRecord({"json": json.dumps(manifest)})})
+    content = RecordDict(
+        {"arrays": arrays, "stats": stats_record, "manifest": ConfigRecord({"json": json.dumps(manifest)})}
+    )
     messages = [Message(content, dst_node_id=node, message_type="query.deploy") for node in nodes]
     replies, _ = exchange(grid, messages, run, "deploy", directory)
     for reply in replies:
@@ -274,5 +301,7 @@ def restore_strategy_state(strategy, state: dict) -> None:
 def loaded_stats(loaded: LoadedPolicy) -> dict:
     """The normalization statistics a saved global model carries in its preprocessor."""
     step = next(s for s in loaded.preprocessor.steps if getattr(s, "stats", None))
-    return {key: {name: value.cpu().numpy() if hasattr(value, "cpu") else value for name, value in stats.items()}
-            for key, stats in step.stats.items()}
+    return {
+        key: {name: value.cpu().numpy() if hasattr(value, "cpu") else value for name, value in stats.items()}
+        for key, stats in step.stats.items()
+    }

@@ -13,22 +13,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.supernode import FLOWER_ENVIRONMENT
 from coordinator.credentials import CA_CERT, SERVER_CERT, SERVER_KEY
+from fedbot.flower_processes import BIN, flower_environment
 from fedbot.process_group import start_group, stop_group
 
 log = logging.getLogger("fedbot.coordinator")
 CONNECTION = "fedbot"
-BIN = Path(sys.executable).parent  # flower-superlink, flwr and flower-superexec live beside python
 ACTIVE_RUN_STATES = ("pending", "starting", "running")
 REGISTER_PARALLEL = 4  # flwr processes registering keys at once
 
@@ -49,8 +46,10 @@ class SuperLinkSettings:
         if self.tls_dir is not None:
             missing = [n for n in (CA_CERT, SERVER_CERT, SERVER_KEY) if not (self.tls_dir / n).is_file()]
             if missing:
-                raise ValueError(f"TLS directory {self.tls_dir} lacks {missing}; create them with "
-                                 "`fedbot-coordinator credentials --out DIR --host HOST`")
+                raise ValueError(
+                    f"TLS directory {self.tls_dir} lacks {missing}; create them with "
+                    "`fedbot-coordinator credentials --out DIR --host HOST`"
+                )
 
     @property
     def address(self) -> str:
@@ -61,19 +60,31 @@ class SuperLinkSettings:
         return self.state_dir / "flwr-home"
 
     def command(self) -> list[str]:
-        command = [str(BIN / "flower-superlink"), "--host", self.host, "--port", str(self.port),
-                   "--database", str(self.state_dir / "superlink.db"),
-                   "--disable-runtime-dependency-installation"]  # the venv is the runtime; no downloads
+        command = [
+            str(BIN / "flower-superlink"),
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--database",
+            str(self.state_dir / "superlink.db"),
+            "--disable-runtime-dependency-installation",
+        ]  # the venv is the runtime; no downloads
         if self.tls_dir is None:
             return command + ["--insecure"]
         tls = self.tls_dir.resolve()
-        command += ["--ssl-ca-certfile", str(tls / CA_CERT), "--ssl-certfile", str(tls / SERVER_CERT),
-                    "--ssl-keyfile", str(tls / SERVER_KEY)]
+        command += [
+            "--ssl-ca-certfile",
+            str(tls / CA_CERT),
+            "--ssl-certfile",
+            str(tls / SERVER_CERT),
+            "--ssl-keyfile",
+            str(tls / SERVER_KEY),
+        ]
         return command + (["--enable-supernode-auth"] if self.auth else [])
 
     def connection_toml(self) -> str:
-        lines = ["[superlink]", f'default = "{CONNECTION}"', f"[superlink.{CONNECTION}]",
-                 f'address = "{self.address}"']
+        lines = ["[superlink]", f'default = "{CONNECTION}"', f"[superlink.{CONNECTION}]", f'address = "{self.address}"']
         if self.tls_dir is None:
             lines.append("insecure = true")
         else:
@@ -81,8 +92,7 @@ class SuperLinkSettings:
         return "\n".join(lines) + "\n"
 
     def environment(self) -> dict[str, str]:
-        path = f"{BIN}:{os.environ.get('PATH', '')}"
-        return {**os.environ, **FLOWER_ENVIRONMENT, "FLWR_HOME": str(self.flwr_home), "PATH": path}
+        return flower_environment(self.flwr_home)
 
 
 class SuperLink:
@@ -99,17 +109,23 @@ class SuperLink:
         # Its own process group, so that stopping it also reaches the SuperExec and ServerApp it spawns.
         self.process = start_group(settings.command(), settings.environment(), settings.state_dir / "superlink.log")
         self._wait_ready(ready_timeout)
-        log.info("SuperLink up at %s (%s), pid %d, log %s", settings.address,
-                 "insecure" if settings.tls_dir is None else "TLS" + (" + robot auth" if settings.auth else ""),
-                 self.process.pid, settings.state_dir / "superlink.log")
+        log.info(
+            "SuperLink up at %s (%s), pid %d, log %s",
+            settings.address,
+            "insecure" if settings.tls_dir is None else "TLS" + (" + robot auth" if settings.auth else ""),
+            self.process.pid,
+            settings.state_dir / "superlink.log",
+        )
 
     def _wait_ready(self, timeout: float) -> None:
         """Until the SuperLink answers `flwr ls` (it accepts TCP before its APIs are served)."""
         deadline = time.monotonic() + timeout
         while True:
             if not self.alive():
-                raise RuntimeError(f"flower-superlink exited with {self.process.returncode}; "
-                                   f"see {self.settings.state_dir / 'superlink.log'}")
+                raise RuntimeError(
+                    f"flower-superlink exited with {self.process.returncode}; "
+                    f"see {self.settings.state_dir / 'superlink.log'}"
+                )
             if _port_open(self.settings.host, self.settings.port) and self.flwr("ls", check=False).returncode == 0:
                 return
             if time.monotonic() > deadline:
@@ -129,8 +145,9 @@ class SuperLink:
 
     # -- the flwr CLI against this SuperLink -----------------------------------------------------
     def flwr(self, *args: str, check: bool = True, timeout: float = 120.0) -> subprocess.CompletedProcess:
-        result = subprocess.run([str(BIN / "flwr"), *args], capture_output=True, text=True,
-                                env=self.settings.environment(), timeout=timeout)
+        result = subprocess.run(
+            [str(BIN / "flwr"), *args], capture_output=True, text=True, env=self.settings.environment(), timeout=timeout
+        )
         if check and result.returncode != 0:
             raise RuntimeError(f"`flwr {' '.join(args)}` failed: {(result.stdout + result.stderr).strip()[-2000:]}")
         return result
@@ -141,6 +158,7 @@ class SuperLink:
     def register_robots(self, public_keys: list[Path]) -> None:
         """Register robots' public keys (`flwr supernode register`); registered keys stay as they are.
         Each registration is a `flwr` process (~3 s to start); a fleet's keys go in side by side."""
+
         def register(key: Path) -> None:
             result = self.flwr("supernode", "register", str(Path(key).resolve()), CONNECTION, check=False)
             output = result.stdout + result.stderr

@@ -59,7 +59,7 @@ class InferenceConvTranspose1d(torch.nn.ConvTranspose1d):
         # what each input position adds to its `kernel` outputs: (batch, input length, out * kernel)
         contributions = F.linear(x.transpose(1, 2), self.weight.flatten(1).t())
         full = F.fold(contributions.transpose(1, 2), (1, length), (1, kernel), stride=(1, stride)).squeeze(2)
-        out = full[..., padding: length - padding]
+        out = full[..., padding : length - padding]
         return out if self.bias is None else out + self.bias[:, None]
 
 
@@ -72,9 +72,15 @@ class InferenceDiffusionModel(DiffusionModel):
         if torch.is_grad_enabled() or device.type != "cpu" or self.config.compile_model:
             return super().conditional_sample(batch_size, global_cond, generator, noise)
         # from here on as lerobot's conditional_sample, except where the UNet is called
-        sample = noise if noise is not None else torch.randn(
-            size=(batch_size, self.config.horizon, self.config.action_feature.shape[0]),
-            dtype=dtype, device=device, generator=generator,
+        sample = (
+            noise
+            if noise is not None
+            else torch.randn(
+                size=(batch_size, self.config.horizon, self.config.action_feature.shape[0]),
+                dtype=dtype,
+                device=device,
+                generator=generator,
+            )
         )
         self.noise_scheduler.set_timesteps(self.num_inference_steps)
         timesteps = self.noise_scheduler.timesteps
@@ -87,8 +93,11 @@ class InferenceDiffusionModel(DiffusionModel):
 
 def _residual_blocks(unet: torch.nn.Module) -> list[DiffusionConditionalResidualBlock1d]:
     """The UNet's residual blocks in the order its forward calls them."""
-    return [*(block for level in unet.down_modules for block in level[:2]), *unet.mid_modules,
-            *(block for level in unet.up_modules for block in level[:2])]
+    return [
+        *(block for level in unet.down_modules for block in level[:2]),
+        *unet.mid_modules,
+        *(block for level in unet.up_modules for block in level[:2]),
+    ]
 
 
 def _film_embeddings(unet, timesteps: torch.Tensor, global_cond, batch_size: int) -> list[torch.Tensor]:
@@ -121,7 +130,7 @@ def _residual_block(block: DiffusionConditionalResidualBlock1d, x: torch.Tensor,
     """lerobot's `DiffusionConditionalResidualBlock1d.forward` given its FiLM embedding."""
     out = _conv_block(block.conv1, x)
     if block.use_film_scale_modulation:
-        out = torch.addcmul(film[:, block.out_channels:], film[:, :block.out_channels], out)  # scale * out + bias
+        out = torch.addcmul(film[:, block.out_channels :], film[:, : block.out_channels], out)  # scale * out + bias
     else:
         out = out + film
     out = _conv_block(block.conv2, out)
@@ -149,5 +158,10 @@ def prepare_for_inference(module: torch.nn.Module) -> torch.nn.Module:
 def _plain(layer: torch.nn.Module) -> bool:
     """No groups, dilation, output padding, non-zero or named ("same") padding: what the unfold/fold
     forms cover."""
-    return (layer.groups == 1 and layer.dilation == (1,) and layer.padding_mode == "zeros"
-            and isinstance(layer.padding, tuple) and getattr(layer, "output_padding", (0,)) == (0,))
+    return (
+        layer.groups == 1
+        and layer.dilation == (1,)
+        and layer.padding_mode == "zeros"
+        and isinstance(layer.padding, tuple)
+        and getattr(layer, "output_padding", (0,)) == (0,)
+    )

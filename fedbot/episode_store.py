@@ -33,6 +33,8 @@ from pathlib import Path
 from lerobot.datasets.io_utils import load_info
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
+from fedbot.atomic_files import point_link, publish_dir
+
 VERSIONS_DIR = ".versions"
 CURRENT_LINK = "current"
 LINKED_SUBDIRS = ("meta", "data", "videos")
@@ -72,8 +74,7 @@ class EpisodeStore:
     def _prepare_root(self) -> None:
         if self.root.exists() and not (self.root / VERSIONS_DIR).exists() and any(self.root.iterdir()):
             raise FileExistsError(
-                f"{self.root} exists and is not a fedbot dataset (no {VERSIONS_DIR}/): "
-                "record into a new directory"
+                f"{self.root} exists and is not a fedbot dataset (no {VERSIONS_DIR}/): record into a new directory"
             )
         self._versions.mkdir(parents=True, exist_ok=True)
         for sub in LINKED_SUBDIRS:
@@ -137,14 +138,9 @@ class EpisodeStore:
             self.dataset.save_episode()
             self.dataset.finalize()
         total = self.dataset.meta.total_episodes
-        _fsync_tree(self._work)
         version = self._versions / f"{total:06d}"
-        os.rename(self._work, version)
-        tmp_link = self._versions / f"{CURRENT_LINK}.tmp-{os.getpid()}"
-        tmp_link.unlink(missing_ok=True)
-        tmp_link.symlink_to(version.name)
-        os.replace(tmp_link, self._versions / CURRENT_LINK)  # the commit point
-        _fsync_dir(self._versions)
+        publish_dir(self._work, version)
+        point_link(self._versions / CURRENT_LINK, version.name)  # the commit point
         self._work, self.dataset = None, None
         self.recover()
         return total
@@ -180,22 +176,3 @@ def _clone_version(src: Path, dst: Path) -> None:
         if (src / sub).is_dir():
             shutil.copytree(src / sub, dst / sub, copy_function=os.link)
     shutil.copytree(src / "meta", dst / "meta")
-
-
-def _fsync_tree(top: Path) -> None:
-    for dirpath, _, filenames in os.walk(top):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

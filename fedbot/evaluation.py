@@ -8,6 +8,7 @@ from pathlib import Path
 
 import av.logging
 import torch
+from lerobot.utils.constants import ACTION
 from lerobot.utils.io_utils import write_video
 from rich.console import Console
 from rich.table import Table
@@ -15,7 +16,7 @@ from rich.table import Table
 from fedbot.atomic_files import write_json_atomic
 from fedbot.policy_io import LoadedPolicy
 from fedbot.scenes import EVAL_SEED_START
-from hardware.pusht_sim import ACTION_KEY, PushTSim, PushTSimConfig
+from hardware.pusht_sim import PushTSim, PushTSimConfig
 
 
 @dataclass
@@ -40,8 +41,10 @@ class EvalReport:
             table.add_column(column, justify="right")
         last = self.seed_start + len(self.episodes) - 1
         table.add_row(
-            str(len(self.episodes)), f"{self.seed_start}..{last}",
-            f"{self.success_rate:.0%}", f"{self.mean_max_coverage:.3f}",
+            str(len(self.episodes)),
+            f"{self.seed_start}..{last}",
+            f"{self.success_rate:.0%}",
+            f"{self.mean_max_coverage:.3f}",
         )
         return table
 
@@ -59,7 +62,7 @@ def run_episode(robot: PushTSim, loaded: LoadedPolicy, seed: int, frames: list |
         if frames is not None:
             frames.append(robot.render())
         action = loaded.select_action(robot.get_observation())
-        robot.send_action({ACTION_KEY: action.numpy()})
+        robot.send_action({ACTION: action.numpy()})
         steps += 1
         status = robot.episode_status()
         max_coverage = max(max_coverage, status.coverage)
@@ -88,9 +91,11 @@ def evaluate(
     robot = PushTSim(PushTSimConfig(id="eval", scene_part=scenes[0], scene_parts=scenes[1]))
     missing = features_the_simulator_lacks(loaded)
     if missing:
-        raise ValueError(f"the PushT simulator cannot run this policy: it needs {missing}, and the simulator has "
-                         f"{robot.observation_features | robot.action_features} (only policies trained on PushT "
-                         "data can be evaluated in it)")
+        raise ValueError(
+            f"the PushT simulator cannot run this policy: it needs {missing}, and the simulator has "
+            f"{robot.observation_features | robot.action_features} (only policies trained on PushT "
+            "data can be evaluated in it)"
+        )
     robot.connect()
     results = []
     try:
@@ -122,8 +127,11 @@ def features_the_simulator_lacks(loaded: LoadedPolicy) -> dict[str, tuple]:
     provided = robot.observation_features | robot.action_features
     config = loaded.policy.config
     wanted = {key: feature.shape for key, feature in (config.input_features | config.output_features).items()}
-    return {key: shape for key, shape in wanted.items()
-            if key not in provided or math.prod(shape) != math.prod(provided[key])}
+    return {
+        key: shape
+        for key, shape in wanted.items()
+        if key not in provided or math.prod(shape) != math.prod(provided[key])
+    }
 
 
 def print_report(report: EvalReport) -> None:

@@ -18,6 +18,7 @@ from lerobot.policies.diffusion.configuration_diffusion import DiffusionConfig
 from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
 from lerobot.policies.factory import make_pre_post_processors
 
+from fedbot.atomic_files import publish_dir
 from fedbot.cpu_inference import prepare_for_inference
 from fedbot.presets import default_device
 
@@ -60,20 +61,6 @@ def save_policy(directory: Path, loaded: LoadedPolicy) -> None:
     loaded.preprocessor.save_pretrained(tmp)
     loaded.postprocessor.save_pretrained(tmp)
     publish_dir(tmp, directory)
-
-
-def publish_dir(tmp: Path, directory: Path) -> None:
-    """Make the complete directory `tmp` appear at the new path `directory`, fsynced."""
-    for path in tmp.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    os.rename(tmp, directory)
-    fd = os.open(directory.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_policy(directory: Path, device: str | None = None) -> LoadedPolicy:

@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from lerobot.configs.types import FeatureType, NormalizationMode, PolicyFeature
 from lerobot.policies.diffusion.configuration_diffusion import DiffusionConfig
+from lerobot.utils.constants import ACTION, OBS_ENV_STATE, OBS_IMAGE, OBS_STATE
 from lerobot.utils.feature_utils import dataset_to_policy_features
-
-from hardware.pusht_sim import ACTION_KEY, ENV_STATE_KEY, IMAGE_KEY, STATE_KEY
 
 
 @dataclass(frozen=True)
@@ -46,12 +45,13 @@ class Preset:
         """The pinned DiffusionConfig with input/output features taken from a dataset's features."""
         features = dataset_to_policy_features(dataset_features)
         keys = self.inputs(dataset_features)
-        missing = [k for k in (*keys, ACTION_KEY) if k not in features]
+        missing = [k for k in (*keys, ACTION) if k not in features]
         if missing:
-            raise ValueError(f"preset {self.name!r} needs dataset features {missing}; "
-                             f"the dataset has {sorted(features)}")
+            raise ValueError(
+                f"preset {self.name!r} needs dataset features {missing}; the dataset has {sorted(features)}"
+            )
         inputs = {k: features[k] for k in keys}
-        outputs = {ACTION_KEY: PolicyFeature(type=FeatureType.ACTION, shape=features[ACTION_KEY].shape)}
+        outputs = {ACTION: PolicyFeature(type=FeatureType.ACTION, shape=features[ACTION].shape)}
         return DiffusionConfig(
             input_features=inputs,
             output_features=outputs,
@@ -112,7 +112,7 @@ _COMMON = dict(
 PRESETS: dict[str, Preset] = {
     "pusht-image": Preset(
         name="pusht-image",
-        input_keys=(IMAGE_KEY, STATE_KEY),
+        input_keys=(OBS_IMAGE, OBS_STATE),
         batch_size=64,
         config=dict(
             _COMMON,
@@ -123,7 +123,7 @@ PRESETS: dict[str, Preset] = {
     ),
     "pusht-state": Preset(
         name="pusht-state",
-        input_keys=(STATE_KEY, ENV_STATE_KEY),
+        input_keys=(OBS_STATE, OBS_ENV_STATE),
         batch_size=64,
         config=dict(
             _COMMON,
@@ -134,7 +134,7 @@ PRESETS: dict[str, Preset] = {
     ),
     "so-arm-image": Preset(
         name="so-arm-image",
-        input_keys=(STATE_KEY, "observation.images.*"),
+        input_keys=(OBS_STATE, "observation.images.*"),
         batch_size=32,
         config=dict(
             _COMMON,

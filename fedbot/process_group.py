@@ -24,8 +24,14 @@ def die_with_parent() -> None:
 def start_group(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
     """Start `command` as the leader of a new process group, its output appended to `log_path`."""
     with open(log_path, "ab") as log_file:
-        return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, preexec_fn=die_with_parent)
+        return subprocess.Popen(
+            command,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
 
 
 def stop_group(process: subprocess.Popen, timeout: float) -> None:

@@ -22,7 +22,6 @@ from fedbot.scenes import DEFAULT_TASK, EVAL_SEED_START
 log = logging.getLogger(__name__)
 
 
-
 def dataset_features(robot: Robot) -> dict[str, dict]:
     """LeRobot dataset features for a robot whose features are named by dataset key."""
     features = {}
@@ -110,6 +109,43 @@ def record_episodes(
         if on_episode is not None:
             on_episode(seed, status)
     return report
+
+
+def record_session(
+    robot: Robot,
+    operator: Teleoperator,
+    root: Path,
+    *,
+    episodes: int,
+    seed_start: int,
+    task: str = DEFAULT_TASK,
+    keep_failed: bool = False,
+    on_episode=None,
+) -> RecordingReport:
+    """A teleop session on a connected robot: the operator connects (a sim operator also attaches to
+    the robot whose scene it reads), the robot's dataset at `root` opens, the episodes are recorded
+    (`record_episodes`), and dataset and operator are closed again however the session ends."""
+    operator.connect()
+    try:
+        if hasattr(operator, "attach"):
+            operator.attach(robot)
+        store = open_store(root, robot)
+        try:
+            return record_episodes(
+                robot,
+                operator,
+                store,
+                episodes=episodes,
+                seed_start=seed_start,
+                task=task,
+                keep_failed=keep_failed,
+                realtime=getattr(operator, "realtime", False),
+                on_episode=on_episode,
+            )
+        finally:
+            store.close()
+    finally:
+        operator.disconnect()
 
 
 def _drive_unrecorded(robot: Robot, operator: Teleoperator, seconds: float, period: float) -> None:

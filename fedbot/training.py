@@ -26,13 +26,25 @@ from lerobot.datasets.video_utils import decode_video_frames
 from lerobot.policies.diffusion.configuration_diffusion import DiffusionConfig
 from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
 from lerobot.policies.factory import make_pre_post_processors
-from lerobot.utils.constants import CHECKPOINTS_DIR, LAST_CHECKPOINT_LINK, PRETRAINED_MODEL_DIR, TRAINING_STATE_DIR
+from lerobot.utils.constants import (
+    ACTION,
+    CHECKPOINTS_DIR,
+    LAST_CHECKPOINT_LINK,
+    PRETRAINED_MODEL_DIR,
+    TRAINING_STATE_DIR,
+)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from safetensors.torch import load_file, save_file
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from fedbot.policy_io import LoadedPolicy, load_policy, publish_dir, save_policy
+from fedbot.atomic_files import point_link, publish_dir
+from fedbot.policy_io import LoadedPolicy, load_policy, save_policy
 from fedbot.presets import Preset
-from hardware.pusht_sim import ACTION_KEY
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +71,7 @@ class InMemoryFrames:
         self.keys = list(config.input_features)
         columns = dataset.hf_dataset.with_format(None).data.table
         self.tensors: dict[str, torch.Tensor] = {}
-        for key in [*self.keys, ACTION_KEY]:
+        for key in [*self.keys, ACTION]:
             if meta.features[key]["dtype"] == "video":
                 self.tensors[key] = self._decode_video(dataset, key)
             else:
@@ -92,7 +104,7 @@ class InMemoryFrames:
         picks = torch.randint(len(self.sample_indices), (size,), generator=generator)
         index = self.sample_indices[picks]
         batch = {}
-        for key, deltas in [(k, self.obs_deltas) for k in self.keys] + [(ACTION_KEY, self.action_deltas)]:
+        for key, deltas in [(k, self.obs_deltas) for k in self.keys] + [(ACTION, self.action_deltas)]:
             window = index[:, None] + deltas[None, :]
             lo, hi = self.episode_from[index][:, None], self.episode_to[index][:, None] - 1
             batch[f"{key}_is_pad"] = (window < lo) | (window > hi)
@@ -120,9 +132,14 @@ class TrainState:
 
     @classmethod
     def create(
-        cls, loaded: LoadedPolicy, total_steps: int, *, lr: float | None = None, ema_power: float = 0.0,
+        cls,
+        loaded: LoadedPolicy,
+        total_steps: int,
+        *,
+        lr: float | None = None,
+        ema_power: float = 0.0,
         start_step: int = 0,
-    ) -> "TrainState":
+    ) -> TrainState:
         """The preset's optimizer (learning rate `lr` if given) and schedule over `total_steps`,
         positioned at `start_step`; an EMA of the weights when `ema_power` > 0."""
         config = loaded.policy.config
@@ -225,10 +242,7 @@ def save_checkpoint(out: Path, state: TrainState, run: dict, keep: int = 3) -> P
         save_file(state.loaded.policy.state_dict(), tmp / TRAINING_STATE_DIR / RAW_WEIGHTS_FILE)
     (tmp / RUN_FILE).write_text(json.dumps(run, indent=2))
     publish_dir(tmp, final)
-    link_tmp = checkpoints / f".{LAST_CHECKPOINT_LINK}-{os.getpid()}"
-    link_tmp.unlink(missing_ok=True)
-    link_tmp.symlink_to(final.name)
-    os.replace(link_tmp, checkpoints / LAST_CHECKPOINT_LINK)
+    point_link(checkpoints / LAST_CHECKPOINT_LINK, final.name)
     for old in sorted(p for p in checkpoints.iterdir() if p.name.isdigit())[:-keep]:
         shutil.rmtree(old)
     return final
@@ -276,14 +290,21 @@ def train(
     frames = InMemoryFrames(dataset, state.loaded.policy.config)
     generator = torch.Generator().manual_seed(seed + state.step)
     with Progress(
-        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
-        TimeRemainingColumn(), disable=not show_progress,
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeRemainingColumn(),
+        disable=not show_progress,
     ) as progress:
         task = progress.add_task("train", total=steps, completed=state.step, loss=float("nan"))
         while state.step < steps:
             chunk = min(save_every - state.step % save_every, steps - state.step)
             state.train_steps(
-                frames, chunk, preset.batch_size, generator,
+                frames,
+                chunk,
+                preset.batch_size,
+                generator,
                 progress=lambda loss: progress.update(task, advance=1, loss=loss),
             )
             saved = save_checkpoint(out, state, run, keep=keep_checkpoints)

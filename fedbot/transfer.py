@@ -108,8 +108,10 @@ def load_weights(module: torch.nn.Module, record: ArrayRecord) -> None:
     """
     key, params = weights_key(module), [param for _, param in trainable_parameters(module)]
     if list(record) != [key]:
-        raise ValueError(f"weights do not match the model: the record holds {list(record)[:3]}, "
-                         f"this model's parameter layout is {key}")
+        raise ValueError(
+            f"weights do not match the model: the record holds {list(record)[:3]}, "
+            f"this model's parameter layout is {key}"
+        )
     flat = torch.from_numpy(np.asarray(record[key].numpy(), dtype=np.float32))
     total = sum(param.numel() for param in params)
     if flat.shape != (total,):

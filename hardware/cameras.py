@@ -32,8 +32,12 @@ class CameraSettings:
 def make_camera(settings: CameraSettings) -> OpenCVCamera:
     source = settings.index_or_path
     path = Path(source) if isinstance(source, str) else None
-    config = OpenCVCameraConfig(index_or_path=path if path is not None else source, fps=settings.fps,
-                                width=settings.width, height=settings.height)
+    config = OpenCVCameraConfig(
+        index_or_path=path if path is not None else source,
+        fps=settings.fps,
+        width=settings.width,
+        height=settings.height,
+    )
     if path is not None and path.is_file():
         return VideoFileCamera(config, loop=settings.loop)
     return OpenCVCamera(config)
@@ -54,8 +58,10 @@ class VideoFileCamera(OpenCVCamera):
         height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
         fps = capture.get(cv2.CAP_PROP_FPS)
         if (width, height) != (self.width, self.height) or not math.isclose(fps, self.fps, rel_tol=1e-3):
-            raise ValueError(f"{self.index_or_path} is {width}x{height} at {fps:g} fps; the camera config asks "
-                             f"for {self.width}x{self.height} at {self.fps} fps")
+            raise ValueError(
+                f"{self.index_or_path} is {width}x{height} at {fps:g} fps; the camera config asks "
+                f"for {self.width}x{self.height} at {self.fps} fps"
+            )
         self.capture_width, self.capture_height = width, height
         self._next_frame = time.perf_counter()
 

@@ -56,11 +56,11 @@ class Servo:
 
     def get(self, name: str) -> int:
         address, length = _address(name)
-        return int.from_bytes(self.registers[address:address + length], "little")
+        return int.from_bytes(self.registers[address : address + length], "little")
 
     def set(self, name: str, value: int) -> None:
         address, length = _address(name)
-        self.registers[address:address + length] = value.to_bytes(length, "little")
+        self.registers[address : address + length] = value.to_bytes(length, "little")
 
     @property
     def offset(self) -> int:
@@ -183,24 +183,25 @@ class EmulatedBus:
             return b"".join(_status(i) for i in ids if i in self.servos)
         if instruction == READ and target in self.servos:
             address, length = params[0], params[1]
-            return _status(target, self.servos[target].registers[address:address + length])
+            return _status(target, self.servos[target].registers[address : address + length])
         if instruction == WRITE and target in self.servos:
             self._write(self.servos[target], params[0], params[1:])
             return _status(target)
         if instruction == SYNC_READ:
             address, length = params[0], params[1]
-            return b"".join(_status(i, self.servos[i].registers[address:address + length])
-                            for i in params[2:] if i in self.servos)
+            return b"".join(
+                _status(i, self.servos[i].registers[address : address + length]) for i in params[2:] if i in self.servos
+            )
         if instruction == SYNC_WRITE:
             address, length = params[0], params[1]
             for start in range(2, len(params), length + 1):
                 servo_id = params[start]
                 if servo_id in self.servos:
-                    self._write(self.servos[servo_id], address, params[start + 1:start + 1 + length])
+                    self._write(self.servos[servo_id], address, params[start + 1 : start + 1 + length])
         return b""
 
     def _write(self, servo: Servo, address: int, data: bytes) -> None:
-        servo.registers[address:address + len(data)] = data
+        servo.registers[address : address + len(data)] = data
         if address == _address("Goal_Position")[0]:
             self.goals.append((servo.id, decode_sign_magnitude(servo.get("Goal_Position"), 15), servo.present()))
         if address == _address("Torque_Enable")[0]:
@@ -221,8 +222,8 @@ def _take_packet(buffer: bytearray) -> tuple[int, int, bytes] | None:
         length = buffer[3]
         if len(buffer) < 4 + length:
             return None
-        packet = bytes(buffer[:4 + length])
-        del buffer[:4 + length]
+        packet = bytes(buffer[: 4 + length])
+        del buffer[: 4 + length]
         if (~sum(packet[2:-1])) & 0xFF == packet[-1] and length >= 2:
             return packet[2], packet[4], packet[5:-1]
 

@@ -25,13 +25,14 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 
-import gymnasium as gym
 import gym_pusht  # noqa: F401  (registers gym_pusht/PushT-v0)
+import gymnasium as gym
 import numpy as np
 from lerobot.teleoperators.config import TeleoperatorConfig
 from lerobot.teleoperators.teleoperator import Teleoperator
+from lerobot.utils.constants import ACTION
 
-from hardware.pusht_sim import ACTION_KEY, PushTSim
+from hardware.pusht_sim import PushTSim
 
 MAX_TARGET_STEP = 25.0  # px between consecutive targets (one tick)
 MAX_REACH = 60.0  # px between a target and the agent position when it is sent
@@ -69,15 +70,9 @@ class Style:
 
 STYLES: dict[str, Style] = {
     "default": Style(travel_speed=18.0, push_speed=8.0, accel=6.0, clearance=8.0),
-    "swift": Style(
-        travel_speed=24.0, push_speed=12.0, accel=10.0, clearance=7.0, pause_ticks=0, time_weight=0.3
-    ),
-    "careful": Style(
-        travel_speed=15.0, push_speed=6.0, accel=5.0, clearance=12.0, pause_ticks=2
-    ),
-    "clockwise": Style(
-        travel_speed=17.0, push_speed=8.0, accel=6.0, clearance=10.0, route="cw", prefer="bar"
-    ),
+    "swift": Style(travel_speed=24.0, push_speed=12.0, accel=10.0, clearance=7.0, pause_ticks=0, time_weight=0.3),
+    "careful": Style(travel_speed=15.0, push_speed=6.0, accel=5.0, clearance=12.0, pause_ticks=2),
+    "clockwise": Style(travel_speed=17.0, push_speed=8.0, accel=6.0, clearance=10.0, route="cw", prefer="bar"),
 }
 
 
@@ -127,8 +122,7 @@ def _hits(a: tuple[float, float], b: tuple[float, float], rect: tuple[float, flo
 
 def _distance_to_t(p: tuple[float, float]) -> float:
     return min(
-        math.hypot(max(r[0] - p[0], 0.0, p[0] - r[2]), max(r[1] - p[1], 0.0, p[1] - r[3]))
-        for r in (_BAR, _STEM)
+        math.hypot(max(r[0] - p[0], 0.0, p[0] - r[2]), max(r[1] - p[1], 0.0, p[1] - r[3])) for r in (_BAR, _STEM)
     )
 
 
@@ -152,11 +146,11 @@ class _Geometry:
         ]
         self.route = style.route
         e = 0.5
-        self.nodes = [
-            (s * (60.0 + r + e), -r - e) for s in (-1, 1)
-        ] + [(s * (60.0 + r + e), 30.0 + r + e) for s in (-1, 1)] + [
-            (s * (15.0 + r + e), 120.0 + r + e) for s in (-1, 1)
-        ]
+        self.nodes = (
+            [(s * (60.0 + r + e), -r - e) for s in (-1, 1)]
+            + [(s * (60.0 + r + e), 30.0 + r + e) for s in (-1, 1)]
+            + [(s * (15.0 + r + e), 120.0 + r + e) for s in (-1, 1)]
+        )
         self.contacts = self._make_contacts()
         n = len(self.nodes)
         inf = math.inf
@@ -215,7 +209,8 @@ class _Geometry:
             for a in (_SLANTS if abs(d[0] * d[1]) < 0.1 else (0.0,))  # corners: straight only
         ]
         for p, d, part in faces:
-            def at(u: float) -> tuple[float, float]:
+
+            def at(u: float, p=p, d=d) -> tuple[float, float]:
                 return (float(p[0] - d[0] * u), float(p[1] - d[1] * u))
 
             start = AGENT_RADIUS + 0.5  # where the agent is about to touch the T
@@ -441,7 +436,7 @@ class PushTExpert(Teleoperator):
 
     @cached_property
     def action_features(self) -> dict:
-        return {ACTION_KEY: (2,)}
+        return {ACTION: (2,)}
 
     @cached_property
     def feedback_features(self) -> dict:
@@ -491,7 +486,7 @@ class PushTExpert(Teleoperator):
         agent = np.asarray(self._robot.env.agent.position, dtype=np.float64)
         target = limit_target(self._queue.pop(0), self._target, agent)
         self._target = target
-        return {ACTION_KEY: target.astype(np.float32)}
+        return {ACTION: target.astype(np.float32)}
 
     def send_feedback(self, feedback: dict) -> None:
         """Nothing to feel."""

@@ -12,8 +12,9 @@ import numpy as np
 import pygame
 from lerobot.teleoperators.config import TeleoperatorConfig
 from lerobot.teleoperators.teleoperator import Teleoperator
+from lerobot.utils.constants import ACTION
 
-from hardware.pusht_sim import ACTION_KEY, PushTSim
+from hardware.pusht_sim import PushTSim
 
 WINDOW = 512  # px; equal to the sim's workspace side, so a pixel is a sim unit
 GRAB_RADIUS = 30.0
@@ -40,7 +41,7 @@ class PushTMouse(Teleoperator):
 
     @property
     def action_features(self) -> dict:
-        return {ACTION_KEY: (2,)}
+        return {ACTION: (2,)}
 
     @property
     def feedback_features(self) -> dict:
@@ -82,7 +83,7 @@ class PushTMouse(Teleoperator):
         agent = np.asarray(self._robot.env.agent.position, dtype=np.float32)
         pointer = np.asarray(pygame.mouse.get_pos(), dtype=np.float32)
         self._following |= bool(np.linalg.norm(pointer - agent) < GRAB_RADIUS)
-        return {ACTION_KEY: pointer if self._following else agent}
+        return {ACTION: pointer if self._following else agent}
 
     def send_feedback(self, feedback: dict) -> None:
         """The mouse gives no feedback."""

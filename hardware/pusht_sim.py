@@ -24,11 +24,7 @@ import numpy as np
 from gymnasium.utils import seeding
 from lerobot.robots.config import RobotConfig
 from lerobot.robots.robot import Robot
-
-IMAGE_KEY = "observation.image"
-STATE_KEY = "observation.state"
-ENV_STATE_KEY = "observation.environment_state"
-ACTION_KEY = "action"
+from lerobot.utils.constants import ACTION, OBS_ENV_STATE, OBS_IMAGE, OBS_STATE
 
 
 @RobotConfig.register_subclass("pusht_sim")
@@ -55,8 +51,15 @@ def scene_state(seed: int, part: int = 0, parts: int = 1) -> np.ndarray:
     mapped into sector `part` of `parts`. The draws repeat PushTEnv.reset's, in its order, from the
     generator gymnasium seeds it with (tests/test_pusht_sim.py checks they give the same scene)."""
     rng, _ = seeding.np_random(seed)
-    state = np.array([rng.integers(50, 450), rng.integers(50, 450), rng.integers(100, 400),
-                      rng.integers(100, 400), rng.uniform(-np.pi, np.pi)])
+    state = np.array(
+        [
+            rng.integers(50, 450),
+            rng.integers(50, 450),
+            rng.integers(100, 400),
+            rng.integers(100, 400),
+            rng.uniform(-np.pi, np.pi),
+        ]
+    )
     width = 2 * np.pi / parts
     state[4] = -np.pi + width * (part + ((state[4] + np.pi) % (2 * np.pi)) / (2 * np.pi))
     return state
@@ -87,11 +90,11 @@ class PushTSim(Robot):
     @cached_property
     def observation_features(self) -> dict:
         size = self.config.image_size
-        return {IMAGE_KEY: (size, size, 3), STATE_KEY: (2,), ENV_STATE_KEY: (16,)}
+        return {OBS_IMAGE: (size, size, 3), OBS_STATE: (2,), OBS_ENV_STATE: (16,)}
 
     @cached_property
     def action_features(self) -> dict:
-        return {ACTION_KEY: (2,)}
+        return {ACTION: (2,)}
 
     @property
     def is_connected(self) -> bool:
@@ -143,18 +146,18 @@ class PushTSim(Robot):
         env = self.env
         image = env._render()  # rgb at observation size, exactly what gym-pusht observes
         return {
-            IMAGE_KEY: image,
-            STATE_KEY: np.asarray(env.agent.position, dtype=np.float32),
-            ENV_STATE_KEY: env.get_keypoints(env._block_shapes).flatten().astype(np.float32),
+            OBS_IMAGE: image,
+            OBS_STATE: np.asarray(env.agent.position, dtype=np.float32),
+            OBS_ENV_STATE: env.get_keypoints(env._block_shapes).flatten().astype(np.float32),
         }
 
     def send_action(self, action: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._require_connected()
-        target = np.asarray(action[ACTION_KEY], dtype=np.float32).reshape(2)
+        target = np.asarray(action[ACTION], dtype=np.float32).reshape(2)
         _, _, _, _, info = self._env.step(target)
         self._coverage = float(info["coverage"])
         self._steps += 1
-        return {ACTION_KEY: target}
+        return {ACTION: target}
 
     def render(self) -> np.ndarray:
         """An RGB view of the scene at `render_size`, with the last action drawn, for videos."""

@@ -35,10 +35,11 @@ from lerobot.robots.so_follower import SOFollower, SOFollowerRobotConfig
 from lerobot.teleoperators.config import TeleoperatorConfig
 from lerobot.teleoperators.so_leader import SOLeader, SOLeaderTeleopConfig
 from lerobot.teleoperators.teleoperator import Teleoperator
+from lerobot.utils.constants import ACTION, OBS_STATE
 
 from hardware.cameras import CameraSettings, make_camera
 from hardware.errors import CalibrationMissing, HardwareFault
-from hardware.pusht_sim import ACTION_KEY, STATE_KEY, EpisodeStatus
+from hardware.pusht_sim import EpisodeStatus
 
 log = logging.getLogger("fedbot.hardware")
 FOLLOWER_TYPES = ("so100_follower", "so101_follower")
@@ -84,16 +85,20 @@ def image_key(camera: str) -> str:
 
 def calibration_command(kind: str, device_type: str, port: str, device_id: str, calibration_dir) -> str:
     """The lerobot command that calibrates an arm (kind: robot or teleop) and writes its file."""
-    return (f"lerobot-calibrate --{kind}.type={device_type} --{kind}.port={port} --{kind}.id={device_id} "
-            f"--{kind}.calibration_dir={calibration_dir}")
+    return (
+        f"lerobot-calibrate --{kind}.type={device_type} --{kind}.port={port} --{kind}.id={device_id} "
+        f"--{kind}.calibration_dir={calibration_dir}"
+    )
 
 
 def _require_calibration(device, kind: str, device_type: str, port: str) -> None:
     """The daemon cannot calibrate (a person moves the joints through their range): name the command."""
     if not device.calibration:
         command = calibration_command(kind, device_type, port, device.id, device.calibration_dir)
-        raise CalibrationMissing(f"{device_type} {device.id!r} has no calibration file ({device.calibration_fpath}). "
-                                 f"Calibrate it once with the arm connected:\n  {command}")
+        raise CalibrationMissing(
+            f"{device_type} {device.id!r} has no calibration file ({device.calibration_fpath}). "
+            f"Calibrate it once with the arm connected:\n  {command}"
+        )
 
 
 class _NoPromptCalibration:
@@ -193,15 +198,15 @@ class SOArm(_ArmDevice, Robot):
     @cached_property
     def observation_features(self) -> dict:
         cameras = {image_key(name): (cam.height, cam.width, 3) for name, cam in self.config.cameras.items()}
-        return {STATE_KEY: (len(JOINTS),), **cameras}
+        return {OBS_STATE: (len(JOINTS),), **cameras}
 
     @cached_property
     def action_features(self) -> dict:
-        return {ACTION_KEY: (len(JOINTS),)}
+        return {ACTION: (len(JOINTS),)}
 
     @property
     def feature_names(self) -> dict[str, list[str]]:
-        return {STATE_KEY: MOTOR_NAMES, ACTION_KEY: MOTOR_NAMES}
+        return {OBS_STATE: MOTOR_NAMES, ACTION: MOTOR_NAMES}
 
     def connect(self, calibrate: bool = True) -> None:
         """Open the port, check every motor, write the calibration, configure; then the cameras."""
@@ -223,9 +228,15 @@ class SOArm(_ArmDevice, Robot):
         log.info("%s connected on %s with %d cameras", self.id, self.config.port, len(self.cameras))
 
     def _connect_arm(self) -> None:
-        self.arm = _Follower(SOFollowerRobotConfig(
-            id=self.id, calibration_dir=self.calibration_dir, port=self.config.port,
-            max_relative_target=float(self.config.max_relative_target), disable_torque_on_disconnect=False))
+        self.arm = _Follower(
+            SOFollowerRobotConfig(
+                id=self.id,
+                calibration_dir=self.calibration_dir,
+                port=self.config.port,
+                max_relative_target=float(self.config.max_relative_target),
+                disable_torque_on_disconnect=False,
+            )
+        )
         with _device_errors(self, f"arm on {self.config.port}"):
             if not Path(self.config.port).exists():
                 raise FileNotFoundError(f"{self.config.port} does not exist (unplugged?)")
@@ -239,7 +250,7 @@ class SOArm(_ArmDevice, Robot):
         self._require_connected()
         with _device_errors(self, f"arm on {self.config.port}"):
             joints = self.arm.bus.sync_read("Present_Position", num_retry=self.arm.config.num_read_retries)
-        observation = {STATE_KEY: np.array([joints[j] for j in JOINTS], dtype=np.float32)}
+        observation = {OBS_STATE: np.array([joints[j] for j in JOINTS], dtype=np.float32)}
         for name, camera in self.cameras.items():
             with _device_errors(self, f"camera {name}"):
                 observation[image_key(name)] = camera.read_latest()
@@ -248,11 +259,11 @@ class SOArm(_ArmDevice, Robot):
     def send_action(self, action: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._require_connected()
         low, high = self.limits
-        target = np.clip(np.asarray(action[ACTION_KEY], dtype=np.float64).reshape(len(JOINTS)), low, high)
+        target = np.clip(np.asarray(action[ACTION], dtype=np.float64).reshape(len(JOINTS)), low, high)
         with _device_errors(self, f"arm on {self.config.port}"):
             sent = self.arm.send_action({f"{j}.pos": float(v) for j, v in zip(JOINTS, target, strict=True)})
         self._frames += 1
-        return {ACTION_KEY: np.array([sent[f"{j}.pos"] for j in JOINTS], dtype=np.float32)}
+        return {ACTION: np.array([sent[f"{j}.pos"] for j in JOINTS], dtype=np.float32)}
 
     def hold(self) -> None:
         """Stop where the arm is: the present position becomes the goal."""
@@ -287,8 +298,9 @@ class SOArm(_ArmDevice, Robot):
 
     def episode_status(self) -> EpisodeStatus:
         """On a bench an episode lasts `episode-seconds`; a person judges success, the arm does not."""
-        return EpisodeStatus(done=self._frames >= self.config.episode_seconds * self.config.fps, success=None,
-                             coverage=float("nan"))
+        return EpisodeStatus(
+            done=self._frames >= self.config.episode_seconds * self.config.fps, success=None, coverage=float("nan")
+        )
 
     def disconnect(self) -> None:
         """Hold, torque off joint by joint, close (SIGTERM and `systemctl stop` end here)."""
@@ -355,7 +367,7 @@ class SOLeaderArm(_ArmDevice, Teleoperator):
 
     @property
     def action_features(self) -> dict:
-        return {ACTION_KEY: (len(JOINTS),)}
+        return {ACTION: (len(JOINTS),)}
 
     @property
     def feedback_features(self) -> dict:
@@ -363,8 +375,9 @@ class SOLeaderArm(_ArmDevice, Teleoperator):
 
     def connect(self, calibrate: bool = True) -> None:
         _require_calibration(self, "teleop", self.config.arm_type, self.config.port)
-        self.arm = _Leader(SOLeaderTeleopConfig(id=self.id, calibration_dir=self.calibration_dir,
-                                                port=self.config.port))
+        self.arm = _Leader(
+            SOLeaderTeleopConfig(id=self.id, calibration_dir=self.calibration_dir, port=self.config.port)
+        )
         with _device_errors(self, f"leader arm on {self.config.port}"):
             self.arm.connect(calibrate=True)
         self.fault = None
@@ -379,7 +392,7 @@ class SOLeaderArm(_ArmDevice, Teleoperator):
         self._require_connected()
         with _device_errors(self, f"leader arm on {self.config.port}"):
             joints = self.arm.get_action()
-        return {ACTION_KEY: np.array([joints[name] for name in MOTOR_NAMES], dtype=np.float32)}
+        return {ACTION: np.array([joints[name] for name in MOTOR_NAMES], dtype=np.float32)}
 
     def send_feedback(self, feedback: dict) -> None:
         """The leader takes no feedback."""

@@ -19,8 +19,10 @@ CAMERA_FPS = 30
 def write_calibration(directory: Path, device_id: str) -> Path:
     """A lerobot calibration file, as `lerobot-calibrate` writes it, for an arm with ids 1..6."""
     directory.mkdir(parents=True, exist_ok=True)
-    calibration = {joint: {"id": i + 1, "drive_mode": 0, "homing_offset": 12, "range_min": RANGE[0],
-                           "range_max": RANGE[1]} for i, joint in enumerate(JOINTS)}
+    calibration = {
+        joint: {"id": i + 1, "drive_mode": 0, "homing_offset": 12, "range_min": RANGE[0], "range_max": RANGE[1]}
+        for i, joint in enumerate(JOINTS)
+    }
     path = directory / f"{device_id}.json"
     path.write_text(json.dumps(calibration, indent=2))
     return path
@@ -50,7 +52,7 @@ def record_arm_dataset(directory: Path, root: Path, episodes: int) -> int:
     """`episodes` teleop episodes of 0.5 s at 30 Hz (no reset pause) from an emulated follower and
     leader, with a video-file camera, into a dataset at `root`; the bench lives in `directory`.
     Returns the dataset's episode count."""
-    from fedbot.recording import open_store, record_episodes
+    from fedbot.recording import record_session
     from hardware.cameras import CameraSettings
     from hardware.factory import make_robot, make_teleop
     from hardware.feetech_emulator import EmulatedBus
@@ -61,17 +63,19 @@ def record_arm_dataset(directory: Path, root: Path, episodes: int) -> int:
     video = write_video(directory / "front.mp4", seconds=2.0)
     camera = CameraSettings(str(video), width=CAMERA[1], height=CAMERA[0], fps=CAMERA_FPS)
     with EmulatedBus(directory / "follower"), EmulatedBus(directory / "leader", hand=waving_hand):
-        arm = make_robot("so101_follower", "arm", port=str(directory / "follower"), fps=30,
-                         calibration_dir=calibration, episode_seconds=0.5, reset_seconds=0.0,
-                         cameras={"front": camera})
-        hand = make_teleop("so101_leader", id="arm-leader", port=str(directory / "leader"),
-                           calibration_dir=calibration)
+        arm = make_robot(
+            "so101_follower",
+            "arm",
+            port=str(directory / "follower"),
+            fps=30,
+            calibration_dir=calibration,
+            episode_seconds=0.5,
+            reset_seconds=0.0,
+            cameras={"front": camera},
+        )
+        hand = make_teleop("so101_leader", id="arm-leader", port=str(directory / "leader"), calibration_dir=calibration)
         arm.connect()
-        hand.connect()
-        store = open_store(root, arm)
         try:
-            return record_episodes(arm, hand, store, episodes=episodes, seed_start=0, realtime=True).total_episodes
+            return record_session(arm, hand, root, episodes=episodes, seed_start=0).total_episodes
         finally:
-            store.close()
-            hand.disconnect()
             arm.disconnect()

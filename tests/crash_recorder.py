@@ -14,11 +14,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import fedbot.episode_store as episode_store  # noqa: E402
 from lerobot.datasets.dataset_writer import DatasetWriter  # noqa: E402
 from lerobot.datasets.lerobot_dataset import LeRobotDataset  # noqa: E402
 
+import fedbot.episode_store as episode_store  # noqa: E402
+
 from helpers import record_wander  # noqa: E402
+
 
 def _any_call(*args) -> bool:
     return True
@@ -33,7 +35,7 @@ KILL_POINTS = {
     "add_frame": (LeRobotDataset, "add_frame", _any_call),  # mid-episode
     "save_episode_video": (DatasetWriter, "_save_episode_video", _any_call),  # data written, video not
     "finalize": (LeRobotDataset, "finalize", _any_call),  # episode saved, parquet footers not written
-    "fsync_tree": (episode_store, "_fsync_tree", _any_call),  # work dir complete, not yet renamed
+    "publish_dir": (episode_store, "publish_dir", _any_call),  # work dir complete, not yet renamed
     "replace": (episode_store.os, "replace", _commit_link),  # version renamed, `current` not switched
     "recover": (episode_store.EpisodeStore, "recover", _any_call),  # committed, leftovers not removed
 }

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from lerobot.utils.constants import ACTION
 
-from fedbot.recording import open_store, record_episodes
-from hardware.pusht_sim import ACTION_KEY, PushTSim, PushTSimConfig
+from fedbot.recording import record_session
+from hardware.pusht_sim import PushTSim, PushTSimConfig
 
 
 class WanderOperator:
@@ -19,6 +20,12 @@ class WanderOperator:
         self._rng = np.random.default_rng(seed)
         self._robot: PushTSim | None = None
 
+    def connect(self) -> None:
+        pass
+
+    def disconnect(self) -> None:
+        pass
+
     def attach(self, robot: PushTSim) -> None:
         self._robot = robot
 
@@ -27,22 +34,18 @@ class WanderOperator:
 
     def get_action(self) -> dict:
         target = np.asarray(self._robot.env.agent.position) + self._rng.normal(0.0, 15.0, 2)
-        return {ACTION_KEY: np.clip(target, 0, 512).astype(np.float32)}
+        return {ACTION: np.clip(target, 0, 512).astype(np.float32)}
 
 
 def record_wander(root: Path, episodes: int, steps: int = 20, seed_start: int = 0) -> int:
     """Record `episodes` short kept episodes into `root`; returns the dataset's episode count."""
     robot = PushTSim(PushTSimConfig(id="test", max_episode_steps=steps))
     robot.connect()
-    operator = WanderOperator(seed_start)
-    operator.attach(robot)
-    store = open_store(root, robot)
     try:
-        report = record_episodes(
-            robot, operator, store, episodes=episodes, seed_start=seed_start, keep_failed=True
+        report = record_session(
+            robot, WanderOperator(seed_start), root, episodes=episodes, seed_start=seed_start, keep_failed=True
         )
     finally:
-        store.close()
         robot.disconnect()
     return report.total_episodes
 
@@ -55,7 +58,7 @@ def deliver_model(policy_dir: Path, inbox: Path, name: str, round_number: int = 
     import os
     import shutil
 
-    from agent.inbox import MANIFEST, WEIGHTS, sha256_file
+    from fedbot.model_manifest import MANIFEST, WEIGHTS, sha256_file
 
     inbox.mkdir(parents=True, exist_ok=True)
     staging = inbox / f".incoming-{name}"

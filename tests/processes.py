@@ -1,4 +1,4 @@
-"""Real processes for the federation tests: ports, a line-by-line log follower, process groups."""
+"""Real processes for the tests: a line-by-line log follower, process groups, a systemd notify socket."""
 
 from __future__ import annotations
 
@@ -12,11 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from fedbot.process_group import signal_group
 
 
 class Followed:
@@ -24,8 +20,15 @@ class Followed:
 
     def __init__(self, command: list[str], log: Path, env: dict, cwd: Path | None = None):
         self.log = log
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        env=env, cwd=cwd, start_new_session=True)
+        self.process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+        )
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._thread = threading.Thread(target=self._copy, daemon=True)
         self._thread.start()
@@ -61,15 +64,8 @@ class Followed:
         return self.log.read_text()
 
     def kill_group(self, sig: int = signal.SIGKILL) -> None:
-        kill_group(self.process.pid, sig)
+        signal_group(self.process.pid, sig)
         self.process.wait(timeout=60)
-
-
-def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def group_alive(pgid: int) -> bool:

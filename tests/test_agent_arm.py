@@ -11,49 +11,57 @@ import os
 import shutil
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
-from arm_bench import RANGE, waving_hand, write_calibration, write_video
-from helpers import deliver_model
-from processes import Followed, NotifySocket, free_port, kill_group
 
-from agent.control_api import request
-from coordinator.superlink import BIN
+from agent.config import (
+    AgentConfig,
+    ControlSection,
+    CoordinatorSection,
+    IdleSection,
+    RobotSection,
+    TeleopSection,
+)
+from fedbot.control_client import request
 from fedbot.episode_store import committed_episodes
+from fedbot.flower_processes import BIN, free_port
+from fedbot.process_group import signal_group
+from fedbot.typed_config import write_toml
+from hardware.cameras import CameraSettings
 from hardware.feetech_emulator import EmulatedBus
 from hardware.so_arm import MOTOR_NAMES
+
+from arm_bench import RANGE, waving_hand, write_calibration, write_video
+from helpers import deliver_model
+from processes import Followed, NotifySocket
 
 TORQUE_OFF = [(6, 0), (5, 0), (4, 0), (3, 0), (2, 0), (1, 0)]  # gripper first, shoulder_pan last
 
 
 def write_config(directory, rate_hz: float = 15.0) -> None:
-    (directory / "agent.toml").write_text(f"""
-robot-id = "arm"
-data-dir = "data"
-socket = "agent.sock"
-[robot]
-type = "so101_follower"
-port = "{directory / 'follower'}"
-calibration-dir = "calibration"
-episode-seconds = 1.0
-reset-seconds = 0.0
-[robot.cameras.front]
-index-or-path = "front.mp4"
-width = 64
-height = 48
-fps = 30
-[teleop]
-type = "so101_leader"
-port = "{directory / 'leader'}"
-[coordinator]
-superlink = "127.0.0.1:{free_port()}"
-supernode-port = {free_port()}
-[idle]
-min-new-episodes = 1000
-[control]
-rate-hz = {rate_hz}
-""")
+    camera = CameraSettings("front.mp4", width=64, height=48, fps=30)
+    write_toml(
+        directory / "agent.toml",
+        AgentConfig(
+            robot_id="arm",
+            data_dir=Path("data"),
+            socket=Path("agent.sock"),
+            robot=RobotSection(
+                type="so101_follower",
+                port=str(directory / "follower"),
+                calibration_dir=Path("calibration"),
+                episode_seconds=1.0,
+                reset_seconds=0.0,
+                cameras={"front": camera},
+            ),
+            teleop=TeleopSection(type="so101_leader", port=str(directory / "leader")),
+            coordinator=CoordinatorSection(superlink=f"127.0.0.1:{free_port()}", supernode_port=free_port()),
+            idle=IdleSection(min_new_episodes=1000),
+            control=ControlSection(rate_hz=rate_hz),
+        ),
+    )
 
 
 def test_agent_on_an_arm(tmp_path):
@@ -152,7 +160,7 @@ def test_agent_on_an_arm(tmp_path):
     finally:
         if agent.process.poll() is None:
             agent.kill_group()
-        kill_group(agent.process.pid)
+        signal_group(agent.process.pid, signal.SIGKILL)
         notify.close()
         follower.unplug()
         leader.unplug()

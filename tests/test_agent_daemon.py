@@ -12,68 +12,86 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
-from helpers import deliver_model
-from processes import Followed, NotifySocket, free_port, group_alive, kill_group
 from test_agent_models import _flip_bytes, _nan, _truncate, _wrong_shape
 
-from agent.control_api import request
+from agent.config import AgentConfig, ControlSection, CoordinatorSection, IdleSection
 from agent.daemon import within_hours
 from agent.main import main as agent_main
-from coordinator.superlink import BIN
+from fedbot.control_client import request
 from fedbot.episode_store import committed_episodes
+from fedbot.flower_processes import BIN, free_port
+from fedbot.process_group import signal_group
+from fedbot.typed_config import write_toml
+
+from helpers import deliver_model
+from processes import Followed, NotifySocket, group_alive
 
 
 def write_config(directory: Path, superlink_port: int) -> Path:
-    config = directory / "agent.toml"
-    config.write_text(f"""
-robot-id = "robot-test"
-data-dir = "data"
-socket = "agent.sock"
-[coordinator]
-superlink = "127.0.0.1:{superlink_port}"
-supernode-port = {free_port()}
-[idle]
-cooldown-seconds = 0.0
-[control]
-rate-hz = 30.0
-""")
-    return config
+    config = AgentConfig(
+        robot_id="robot-test",
+        data_dir=Path("data"),
+        socket=Path("agent.sock"),
+        coordinator=CoordinatorSection(superlink=f"127.0.0.1:{superlink_port}", supernode_port=free_port()),
+        idle=IdleSection(cooldown_seconds=0.0),
+        control=ControlSection(rate_hz=30.0),
+    )
+    write_toml(directory / "agent.toml", config)
+    return directory / "agent.toml"
 
 
 def start_agent(directory: Path, notify: Path, log_name: str) -> Followed:
     env = {**os.environ, "NOTIFY_SOCKET": str(notify), "WATCHDOG_USEC": "1000000", "SVT_LOG": "1"}
     env.pop("JOURNAL_STREAM", None)
-    return Followed([str(BIN / "fedbot-agent"), "--config", str(directory / "agent.toml"), "--sim"],
-                    directory / log_name, env)
+    return Followed(
+        [str(BIN / "fedbot-agent"), "--config", str(directory / "agent.toml"), "--sim"], directory / log_name, env
+    )
 
 
 def fedbot(directory: Path, *args: str) -> str:
-    result = subprocess.run([str(BIN / "fedbot"), *args, "--socket", str(directory / "agent.sock")],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [str(BIN / "fedbot"), *args, "--socket", str(directory / "agent.sock")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
 
-@pytest.mark.parametrize(("hours", "inside", "outside"), [
-    ([0, 24], range(24), []),
-    ([9, 17], range(9, 17), [8, 17, 23, 0]),
-    ([22, 6], [22, 23, 0, 5], [6, 12, 21]),  # across midnight
-    ([5, 5], [], [4, 5, 6]),
-])
+@pytest.mark.parametrize(
+    ("hours", "inside", "outside"),
+    [
+        ([0, 24], range(24), []),
+        ([9, 17], range(9, 17), [8, 17, 23, 0]),
+        ([22, 6], [22, 23, 0, 5], [6, 12, 21]),  # across midnight
+        ([5, 5], [], [4, 5, 6]),
+    ],
+)
 def test_allowed_hours(hours, inside, outside):
     assert all(within_hours(hour, hours) for hour in inside)
     assert not any(within_hours(hour, hours) for hour in outside)
 
 
-@pytest.mark.parametrize("text,message", [
-    ('robot-id = "r1"\n[idle]\ncooldown = 3\n', "unknown key 'idle.cooldown'"),
-    ('robot-id = "r1"\n[robot]\ntype = "so101_follower"\nport = "/dev/ttyACM0"\nreset-seconds = -1.0\n',
-     "key 'robot.reset-seconds' must be >= 0"),
-    ('robot-id = "r1"\n[robot]\ntype = "so101_follower"\nport = "/dev/ttyACM0"\n[checks]\nsim-gate-episodes = 5\n',
-     "key 'checks.sim-gate-episodes' must be 0 for a so101_follower"),
-    ('robot-id = "r1"\n[robot]\nscene-part = 4\nscene-parts = 4\n', "key 'robot.scene-part' must lie in [0, scene-parts)"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ('robot-id = "r1"\n[idle]\ncooldown = 3\n', "unknown key 'idle.cooldown'"),
+        (
+            'robot-id = "r1"\n[robot]\ntype = "so101_follower"\nport = "/dev/ttyACM0"\nreset-seconds = -1.0\n',
+            "key 'robot.reset-seconds' must be >= 0",
+        ),
+        (
+            'robot-id = "r1"\n[robot]\ntype = "so101_follower"\nport = "/dev/ttyACM0"\n'
+            "[checks]\nsim-gate-episodes = 5\n",
+            "key 'checks.sim-gate-episodes' must be 0 for a so101_follower",
+        ),
+        (
+            'robot-id = "r1"\n[robot]\nscene-part = 4\nscene-parts = 4\n',
+            "key 'robot.scene-part' must lie in [0, scene-parts)",
+        ),
+    ],
+)
 def test_bad_config_names_the_key_and_the_file(tmp_path, capsys, text, message):
     config = tmp_path / "agent.toml"
     config.write_text(text)
@@ -174,5 +192,5 @@ def test_agent_life(tmp_path, untrained_policy):
     finally:
         if agent.process.poll() is None:
             agent.kill_group()
-        kill_group(agent.process.pid)
+        signal_group(agent.process.pid, signal.SIGKILL)
         notify.close()

@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
-from helpers import deliver_model
 from safetensors.torch import load_file, save_file
 
-from agent.inbox import MANIFEST, WEIGHTS, sha256_file
 from agent.models import CheckRules, ModelRejected, ModelStore, check_model
+from fedbot.model_manifest import MANIFEST, WEIGHTS, sha256_file
 from hardware.pusht_sim import PushTSim, PushTSimConfig
+
+from helpers import deliver_model
 
 ROBOT = PushTSim(PushTSimConfig(id="check"))
 FEATURES = {**ROBOT.observation_features, **ROBOT.action_features}
@@ -56,13 +57,16 @@ def _no_manifest(directory):
     (directory / MANIFEST).unlink()
 
 
-@pytest.mark.parametrize("damage, reason", [
-    (_flip_bytes, "hashes to"),
-    (_truncate, "does not load"),
-    (_nan, "NaN or inf"),
-    (_wrong_shape, "does not load"),
-    (_no_manifest, "no manifest.json"),
-])
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (_flip_bytes, "hashes to"),
+        (_truncate, "does not load"),
+        (_nan, "NaN or inf"),
+        (_wrong_shape, "does not load"),
+        (_no_manifest, "no manifest.json"),
+    ],
+)
 def test_damaged_models_are_rejected_with_the_reason(untrained_policy, tmp_path, damage, reason):
     model = deliver_model(untrained_policy, tmp_path / "inbox", "bad", edit=damage)
     with pytest.raises(ModelRejected, match=reason):
@@ -119,8 +123,12 @@ def test_sim_gate_compares_with_the_live_model(untrained_policy, tmp_path):
     from agent.daemon import Agent
     from fedbot.policy_io import load_policy
 
-    config = AgentConfig(robot_id="gate", data_dir=tmp_path / "agent", socket=tmp_path / "agent.sock",
-                         checks=ChecksSection(sim_gate_episodes=1, sim_gate_tolerance=-0.5))
+    config = AgentConfig(
+        robot_id="gate",
+        data_dir=tmp_path / "agent",
+        socket=tmp_path / "agent.sock",
+        checks=ChecksSection(sim_gate_episodes=1, sim_gate_tolerance=-0.5),
+    )
     agent = Agent(config)
     first = agent.models.accept(deliver_model(untrained_policy, agent.models.inbox, "first"))
     agent._sim_gate("first", load_policy(first, "cpu"))  # nothing live yet: passes

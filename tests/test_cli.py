@@ -9,7 +9,7 @@ from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
 def run_in_process(capsys, *args) -> tuple[int, str]:
     """`fedbot ARGS` through its main() (what the console script calls): exit code and stderr."""
-    from fedbot.cli import main
+    from cli.main import main
 
     try:
         code = main([*map(str, args)])
@@ -25,13 +25,14 @@ def test_record_train_eval(tmp_path, capsys):
     dataset = LeRobotDataset("fedbot/robot0", root=root)
     assert dataset.meta.total_episodes == 2  # the expert succeeds on these seeds
 
-    code, err = run_in_process(capsys, "train", "--dataset", root, "--preset", "pusht-state", "--steps", 2,
-                               "--out", run)
+    code, err = run_in_process(
+        capsys, "train", "--dataset", root, "--preset", "pusht-state", "--steps", 2, "--out", run
+    )
     assert code == 0, err
     policy = run / "checkpoints" / "last" / "pretrained_model"
     assert (policy / "model.safetensors").is_file()
 
-    from fedbot.cli import main
+    from cli.main import main
 
     assert main(["eval", "--policy", str(policy), "--episodes", "1", "--videos", "0", "--out", str(out)]) == 0
     assert "success rate" in capsys.readouterr().out
@@ -39,16 +40,19 @@ def test_record_train_eval(tmp_path, capsys):
 
 
 def test_bad_input_is_a_clear_error(tmp_path, capsys):
-    code, err = run_in_process(capsys, "train", "--dataset", tmp_path / "nowhere", "--steps", 1,
-                               "--out", tmp_path / "r")
+    code, err = run_in_process(
+        capsys, "train", "--dataset", tmp_path / "nowhere", "--steps", 1, "--out", tmp_path / "r"
+    )
     assert code == 2 and "holds no LeRobot dataset" in err
     code, err = run_in_process(capsys, "record", "--sim", "--root", tmp_path / "d", "--episodes", 2, "--seed", 99_999)
     assert code == 2 and "held out" in err
-    code, err = run_in_process(capsys, "record", "--sim", "--root", tmp_path / "d", "--episodes", 1,
-                               "--style", "sideways")
+    code, err = run_in_process(
+        capsys, "record", "--sim", "--root", tmp_path / "d", "--episodes", 1, "--style", "sideways"
+    )
     assert code == 2 and "known styles: ['careful', 'clockwise', 'default', 'swift']" in err
-    code, err = run_in_process(capsys, "train", "--dataset", tmp_path / "d", "--preset", "pusht-tiny", "--steps", 1,
-                               "--out", tmp_path / "r")
+    code, err = run_in_process(
+        capsys, "train", "--dataset", tmp_path / "d", "--preset", "pusht-tiny", "--steps", 1, "--out", tmp_path / "r"
+    )
     assert code == 2 and "unknown preset 'pusht-tiny'" in err
     code, err = run_in_process(capsys, "record", "--root", tmp_path / "d", "--episodes", 1)
     assert code == 2 and "needs both --sim and --root" in err
@@ -60,7 +64,7 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
 def test_help_names_every_style_and_preset(capsys):
     """The parser lists them without importing torch (fedbot status must start fast), so a test keeps
     the lists true."""
-    from fedbot.cli import main
+    from cli.main import main
     from fedbot.presets import PRESETS
     from hardware.pusht_expert import STYLES
 

@@ -6,7 +6,10 @@ import sys
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+from cryptography.hazmat.primitives.serialization import (
+    load_ssh_private_key,
+    load_ssh_public_key,
+)
 
 BIN = Path(sys.executable).parent
 
@@ -17,8 +20,9 @@ def coordinator(*args: str) -> subprocess.CompletedProcess:
 
 def test_credentials_make_a_ca_signed_server_certificate_and_robot_keys(tmp_path):
     out = tmp_path / "tls"
-    result = coordinator("credentials", "--out", str(out), "--host", "127.0.0.1", "--host", "lab.local",
-                         "--robot", "robot0")
+    result = coordinator(
+        "credentials", "--out", str(out), "--host", "127.0.0.1", "--host", "lab.local", "--robot", "robot0"
+    )
     assert result.returncode == 0, result.stderr
     ca = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
     server = x509.load_pem_x509_certificate((out / "server.pem").read_bytes())

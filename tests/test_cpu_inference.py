@@ -17,11 +17,14 @@ from fedbot.presets import get_preset
 from fedbot.recording import dataset_features
 from hardware.pusht_sim import PushTSim, PushTSimConfig
 
-
-CONVS = [(torch.nn.Conv1d, InferenceConv1d, kernel, stride, padding)
-         for kernel, stride, padding in [(5, 1, 2), (3, 2, 1), (1, 1, 0), (3, 1, 0)]]
-TRANSPOSED = [(torch.nn.ConvTranspose1d, InferenceConvTranspose1d, kernel, stride, padding)
-              for kernel, stride, padding in [(4, 2, 1), (3, 1, 1), (5, 3, 0)]]
+CONVS = [
+    (torch.nn.Conv1d, InferenceConv1d, kernel, stride, padding)
+    for kernel, stride, padding in [(5, 1, 2), (3, 2, 1), (1, 1, 0), (3, 1, 0)]
+]
+TRANSPOSED = [
+    (torch.nn.ConvTranspose1d, InferenceConvTranspose1d, kernel, stride, padding)
+    for kernel, stride, padding in [(4, 2, 1), (3, 1, 1), (5, 3, 0)]
+]
 
 
 @pytest.mark.parametrize("torch_class,fast_class,kernel,stride,padding", CONVS + TRANSPOSED)
@@ -40,8 +43,12 @@ def test_conv_matches_torch(torch_class, fast_class, kernel, stride, padding, ba
 
 
 def test_layers_the_fast_forms_do_not_cover_keep_their_class():
-    layers = [torch.nn.Conv1d(4, 4, 3, groups=2), torch.nn.Conv1d(4, 4, 3, dilation=2),
-              torch.nn.Conv1d(4, 4, 3, padding="same"), torch.nn.ConvTranspose1d(4, 4, 3, 2, output_padding=1)]
+    layers = [
+        torch.nn.Conv1d(4, 4, 3, groups=2),
+        torch.nn.Conv1d(4, 4, 3, dilation=2),
+        torch.nn.Conv1d(4, 4, 3, padding="same"),
+        torch.nn.ConvTranspose1d(4, 4, 3, 2, output_padding=1),
+    ]
     for layer in layers:
         kind = type(layer)
         assert type(prepare_for_inference(layer)) is kind
@@ -72,25 +79,35 @@ def pusht_state_pair(**changes) -> tuple[DiffusionPolicy, DiffusionPolicy]:
     return reference, prepare_for_inference(prepared)
 
 
-@pytest.mark.parametrize("changes", [{}, {"use_film_scale_modulation": False},
-                                     {"noise_scheduler_type": "DDPM", "num_inference_steps": 12}])
+@pytest.mark.parametrize(
+    "changes", [{}, {"use_film_scale_modulation": False}, {"noise_scheduler_type": "DDPM", "num_inference_steps": 12}]
+)
 def test_denoising_loop_matches_lerobots(changes):
     """Batch 2, both kinds of FiLM, and DDPM's noise added at each step (same generator state)."""
     reference, prepared = pusht_state_pair(**changes)
     assert type(prepared.diffusion) is InferenceDiffusionModel
-    global_cond = torch.randn(2, prepared.diffusion.unet.down_modules[0][0].cond_encoder[1].in_features
-                              - prepared.config.diffusion_step_embed_dim)
+    global_cond = torch.randn(
+        2,
+        prepared.diffusion.unet.down_modules[0][0].cond_encoder[1].in_features
+        - prepared.config.diffusion_step_embed_dim,
+    )
     noise = torch.randn(2, prepared.config.horizon, 2)
     samples = []
     for policy in (reference, prepared):
         with torch.inference_mode():
-            samples.append(policy.diffusion.conditional_sample(
-                2, global_cond=global_cond, noise=noise.clone(), generator=torch.Generator().manual_seed(3)))
+            samples.append(
+                policy.diffusion.conditional_sample(
+                    2, global_cond=global_cond, noise=noise.clone(), generator=torch.Generator().manual_seed(3)
+                )
+            )
     torch.testing.assert_close(samples[1], samples[0], rtol=1e-4, atol=1e-4)
     with torch.enable_grad():  # anything that needs gradients takes lerobot's loop and torch's convolutions
-        exact = [policy.diffusion.conditional_sample(2, global_cond=global_cond, noise=noise.clone(),
-                                                     generator=torch.Generator().manual_seed(3))
-                 for policy in (reference, prepared)]
+        exact = [
+            policy.diffusion.conditional_sample(
+                2, global_cond=global_cond, noise=noise.clone(), generator=torch.Generator().manual_seed(3)
+            )
+            for policy in (reference, prepared)
+        ]
     assert torch.equal(exact[1], exact[0])
 
 

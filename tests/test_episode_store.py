@@ -9,8 +9,14 @@ import pytest
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
 from fedbot.episode_store import EpisodeStore
-from fedbot.recording import EVAL_SEED_START, check_recording_seeds, open_store, record_episodes
+from fedbot.recording import (
+    EVAL_SEED_START,
+    check_recording_seeds,
+    open_store,
+    record_episodes,
+)
 from hardware.pusht_sim import PushTSim, PushTSimConfig
+
 from helpers import WanderOperator, record_wander
 
 STEPS = 20  # frames per episode in these tests
@@ -94,7 +100,7 @@ KILLS = [
     ("add_frame", STEPS + 5, 1),  # killed mid-episode 2
     ("save_episode_video", 2, 1),  # killed inside lerobot's save of episode 2
     ("finalize", 2, 1),  # episode 2 saved, parquet footers not written
-    ("fsync_tree", 2, 1),  # episode 2 complete in its work dir
+    ("publish_dir", 2, 1),  # episode 2 complete in its work dir
     ("replace", 2, 1),  # episode 2's version in place, not yet current
     ("recover", 3, 2),  # episode 2 committed, leftovers not yet cleaned
     ("add_frame", 5, 0),  # killed in the very first episode

@@ -35,14 +35,18 @@ def test_eval_refuses_a_policy_the_simulator_cannot_run():
     from fedbot.presets import get_preset
     from fedbot.training import policy_from_stats
 
-    arm_features = {"observation.state": {"dtype": "float32", "shape": (6,), "names": None},
-                    "observation.images.front": {"dtype": "video", "shape": (48, 64, 3),
-                                                 "names": ["height", "width", "channels"]},
-                    "action": {"dtype": "float32", "shape": (6,), "names": None}}
+    arm_features = {
+        "observation.state": {"dtype": "float32", "shape": (6,), "names": None},
+        "observation.images.front": {"dtype": "video", "shape": (48, 64, 3), "names": ["height", "width", "channels"]},
+        "action": {"dtype": "float32", "shape": (6,), "names": None},
+    }
     joints = {"min": np.full(6, -90.0), "max": np.full(6, 90.0), "mean": np.zeros(6), "std": np.ones(6)}
     image = {"mean": np.full((3, 1, 1), 0.5), "std": np.full((3, 1, 1), 0.25)}
-    arm_policy = policy_from_stats(get_preset("so-arm-image"), arm_features,
-                                   {"observation.state": joints, "action": joints, "observation.images.front": image})
+    arm_policy = policy_from_stats(
+        get_preset("so-arm-image"),
+        arm_features,
+        {"observation.state": joints, "action": joints, "observation.images.front": image},
+    )
     with pytest.raises(ValueError, match=r"the PushT simulator cannot run this policy: it needs .*observation.images"):
         evaluate(arm_policy, 1)
 

@@ -14,17 +14,24 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from agent.supernode import SuperNodeSettings
 from coordinator.credentials import ensure_robot_key, make_server_certificate
+from fedbot.flower_processes import free_port
+from fedbot.run_config import RunConfig
+from fedbot.typed_config import changed_keys
+
 from helpers import assert_replies_hold_no_data, record_wander
-from processes import Followed, free_port, group_alive
+from processes import Followed, group_alive
 
 BIN = Path(sys.executable).parent
-TINY_RUN = "num-server-rounds=2 local-steps=2 batch-size=8 eval-episodes=1 eval-every=2 round-timeout=300.0"
+TINY_RUN = RunConfig(
+    num_server_rounds=2, local_steps=2, batch_size=8, eval_episodes=1, eval_every=2, round_timeout=300.0
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,17 +53,33 @@ class Lab:
         self.outputs = tmp_path / "outputs"
         self.processes: list[Followed] = []
 
-    def coordinator(self, *extra: str, run_config: str = TINY_RUN, name: str = "coordinator") -> Followed:
-        command = [str(BIN / "fedbot-coordinator"), "run", "--state-dir", str(self.state), "--port", str(self.port),
-                   "--output-dir", str(self.outputs), "--run-config", run_config, *extra]
+    def coordinator(self, *extra: str, run_config: RunConfig = TINY_RUN, name: str = "coordinator") -> Followed:
+        command = [
+            str(BIN / "fedbot-coordinator"),
+            "run",
+            "--state-dir",
+            str(self.state),
+            "--port",
+            str(self.port),
+            "--output-dir",
+            str(self.outputs),
+            "--run-config",
+            changed_keys(run_config),
+            *extra,
+        ]
         return self._start(command, name, dict(os.environ))
 
     def robot(self, i: int, tls: Path | None = None, key: Path | None = None, name: str | None = None) -> Followed:
         name = name or f"robot{i}"
         settings = SuperNodeSettings(
-            superlink=f"127.0.0.1:{self.port}", dataset_root=self.fleet / f"robot{i}",
-            model_inbox=self.tmp / f"{name}-inbox", output_dir=self.tmp / f"{name}-outputs", robot_id=name,
-            port=free_port(), root_certificates=tls / "ca.crt" if tls else None, auth_key=key,
+            superlink=f"127.0.0.1:{self.port}",
+            dataset_root=self.fleet / f"robot{i}",
+            model_inbox=self.tmp / f"{name}-inbox",
+            output_dir=self.tmp / f"{name}-outputs",
+            robot_id=name,
+            port=free_port(),
+            root_certificates=tls / "ca.crt" if tls else None,
+            auth_key=key,
         )
         return self._start(settings.command(), name, settings.environment(self.tmp / f"{name}-flwr"))
 
@@ -98,8 +121,8 @@ def test_production_run_survives_a_dead_robot_and_a_dead_coordinator(lab, tmp_pa
     keys = {name: ensure_robot_key(tls, name) for name in ("robot0", "robot1", "robot2", "stranger")}
     secure = ["--tls", str(tls), "--auth", "--register", *(str(keys[f"robot{i}"]) for i in range(3))]
     # robot evaluation: test_federation_sim. float16: weights out, updates back, float32 global model
-    run_config = TINY_RUN + " strategy='fedadam' fraction-evaluate=0.0 weights-dtype='float16'"
-    coordinator = lab.coordinator(*secure, run_config=run_config + " min-nodes=3")
+    run_config = replace(TINY_RUN, strategy="fedadam", fraction_evaluate=0.0, weights_dtype="float16")
+    coordinator = lab.coordinator(*secure, run_config=replace(run_config, min_nodes=3))
     up = coordinator.wait_for(r"SuperLink up .* \(TLS \+ robot auth\), pid (\d+)", timeout=300)
     coordinator.wait_for(r"ready: robots can join", timeout=300)  # their keys are registered now
     robots = [lab.robot(i, tls, keys[f"robot{i}"].with_suffix("")) for i in range(3)]
@@ -118,7 +141,7 @@ def test_production_run_survives_a_dead_robot_and_a_dead_coordinator(lab, tmp_pa
 
     # Restarted by its operator, who knows robot2 is down. Its old SuperLink is gone (else the
     # new one could not take the port) and leaves nothing behind.
-    restarted = lab.coordinator(*secure, run_config=run_config + " min-nodes=2", name="coordinator-restarted")
+    restarted = lab.coordinator(*secure, run_config=replace(run_config, min_nodes=2), name="coordinator-restarted")
     assert restarted.wait(timeout=900) == 0, restarted.text()[-3000:]
     assert not group_alive(int(up.group(1)))
     log = restarted.text()
@@ -134,6 +157,9 @@ def test_production_run_survives_a_dead_robot_and_a_dead_coordinator(lab, tmp_pa
         assert json.loads((deployed / "manifest.json").read_text())["sha256"] == registry["models"][-1]["sha256"]
     assert all(r.process.poll() is None for r in robots[:2])  # the robots rode out the restart
     assert_replies_hold_no_data(run_dir, fleet / "robot0", evaluation=False)
-    updates = [json.loads(line)["content"]["arrays"]["arrays"] for line in (run_dir / "replies.jsonl").open()
-               if "training" in json.loads(line)["what"]]
+    updates = [
+        json.loads(line)["content"]["arrays"]["arrays"]
+        for line in (run_dir / "replies.jsonl").open()
+        if "training" in json.loads(line)["what"]
+    ]
     assert len(updates) >= 4 and all(a["dtype"] == "float16" for update in updates for a in update.values())

@@ -7,17 +7,20 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from agent.inbox import sha256_file
-from agent.supernode import FLOWER_ENVIRONMENT
+from fedbot.flower_processes import FLOWER_ENVIRONMENT, free_port
+from fedbot.model_manifest import sha256_file
 from fedbot.policy_io import load_policy
+from fedbot.run_config import RunConfig
+from fedbot.typed_config import changed_keys
+
 from arm_bench import record_arm_dataset
 from helpers import assert_replies_hold_no_data, record_wander
-from processes import free_port
 
 PROJECT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -45,12 +48,27 @@ def superlink(tmp_path):
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "sim"\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
-    env = {**os.environ, **FLOWER_ENVIRONMENT, "FLWR_HOME": str(home), "PATH": f"{BIN}:{os.environ['PATH']}",
-           "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        **FLOWER_ENVIRONMENT,
+        "FLWR_HOME": str(home),
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "HF_HUB_OFFLINE": "1",
+    }
     log = open(tmp_path / "superlink.log", "w")
     process = subprocess.Popen(
-        [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--disable-runtime-dependency-installation",
-         "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        [
+            str(BIN / "flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--disable-runtime-dependency-installation",
+            "--port",
+            str(port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
     )
     wait_for_port(port, process)
     yield env
@@ -59,15 +77,28 @@ def superlink(tmp_path):
     log.close()
 
 
-def run_on_two_virtual_robots(env: dict, fleet: Path, out: Path, run_config: str) -> Path:
+def run_on_two_virtual_robots(env: dict, fleet: Path, out: Path, run: RunConfig) -> Path:
     """`flwr run` of this app on two virtual SuperNodes training on <fleet>/robot<i>; returns the run's
     directory under `out`. Flower's exit status alone does not show a failed ServerApp: callers check
     the run's own files."""
-    run_config = f"sim-data-dir='{fleet}' output-dir='{out}' {run_config}"
+    run_config = changed_keys(replace(run, sim_data_dir=str(fleet), output_dir=str(out)))
     result = subprocess.run(
-        [str(BIN / "flwr"), "run", ".", "sim", "--stream", "--run-config", run_config,
-         "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"],
-        cwd=PROJECT, env=env, capture_output=True, text=True, timeout=900,
+        [
+            str(BIN / "flwr"),
+            "run",
+            ".",
+            "sim",
+            "--stream",
+            "--run-config",
+            run_config,
+            "--federation-config",
+            "num-supernodes=2 client-resources-num-cpus=1",
+        ],
+        cwd=PROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (run_dir,) = out.iterdir()
@@ -78,8 +109,12 @@ def test_two_robots_federate_evaluate_and_receive_the_model(tmp_path, superlink)
     fleet, out = tmp_path / "fleet", tmp_path / "outputs"
     for robot in range(2):
         record_wander(fleet / f"robot{robot}", 2, steps=40, seed_start=10 * robot)
-    run_dir = run_on_two_virtual_robots(superlink, fleet, out, "num-server-rounds=2 local-steps=2 batch-size=8 "
-                                        "eval-episodes=1 round-timeout=600.0")
+    run_dir = run_on_two_virtual_robots(
+        superlink,
+        fleet,
+        out,
+        RunConfig(num_server_rounds=2, local_steps=2, batch_size=8, eval_episodes=1, round_timeout=600.0),
+    )
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
@@ -115,8 +150,12 @@ def test_arms_federate_without_a_simulator(tmp_path, superlink):
     fleet, out = tmp_path / "fleet", tmp_path / "outputs"
     for robot in range(2):
         assert record_arm_dataset(tmp_path / f"bench{robot}", fleet / f"robot{robot}", 2) == 2
-    run_dir = run_on_two_virtual_robots(superlink, fleet, out, "preset='so-arm-image' num-server-rounds=1 "
-                                        "local-steps=2 batch-size=4 round-timeout=600.0")
+    run_dir = run_on_two_virtual_robots(
+        superlink,
+        fleet,
+        out,
+        RunConfig(preset="so-arm-image", num_server_rounds=1, local_steps=2, batch_size=4, round_timeout=600.0),
+    )
     (row,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert row["robots"] == 2 and row["failed"] == 0 and row["train-loss"] > 0
     assert not any(key.startswith(("server-", "client-")) for key in row)  # nothing was evaluated

@@ -6,13 +6,29 @@ from __future__ import annotations
 import json
 import subprocess
 
-from agent.inbox import sha256_file
-from coordinator.superlink import BIN
+from fedbot.flower_processes import BIN
+from fedbot.model_manifest import sha256_file
 
 
 def test_fleet_dry_run(tmp_path):
-    command = [str(BIN / "fedbot"), "sim", "--robots", "2", "--episodes", "2", "--rounds", "1", "--local-steps", "2",
-               "--policy-episodes", "0", "--eval-episodes", "1", "--out", str(tmp_path)]
+    command = [
+        str(BIN / "fedbot"),
+        "sim",
+        "--robots",
+        "2",
+        "--episodes",
+        "2",
+        "--rounds",
+        "1",
+        "--local-steps",
+        "2",
+        "--policy-episodes",
+        "0",
+        "--eval-episodes",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "fleet summary" in result.stdout

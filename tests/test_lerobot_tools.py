@@ -16,20 +16,42 @@ def run(command: list[str]) -> subprocess.CompletedProcess:
 
 def test_lerobot_train_trains_on_a_recorded_dataset(small_dataset, untrained_policy, tmp_path):
     out = tmp_path / "lerobot-train"
-    result = run([str(BIN / "lerobot-train"), f"--dataset.repo_id=fedbot/{small_dataset.name}",
-                  f"--dataset.root={small_dataset}", f"--policy.path={untrained_policy}",
-                  "--policy.push_to_hub=false", "--policy.device=cpu", "--steps=2", "--batch_size=4",
-                  f"--output_dir={out}", "--wandb.enable=false", "--save_freq=2", "--log_freq=1",
-                  "--num_workers=0"])
+    result = run(
+        [
+            str(BIN / "lerobot-train"),
+            f"--dataset.repo_id=fedbot/{small_dataset.name}",
+            f"--dataset.root={small_dataset}",
+            f"--policy.path={untrained_policy}",
+            "--policy.push_to_hub=false",
+            "--policy.device=cpu",
+            "--steps=2",
+            "--batch_size=4",
+            f"--output_dir={out}",
+            "--wandb.enable=false",
+            "--save_freq=2",
+            "--log_freq=1",
+            "--num_workers=0",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "checkpoints" / "000002" / "pretrained_model" / "model.safetensors").is_file()
 
 
 def test_lerobot_eval_accepts_a_fedbot_checkpoint(untrained_policy, tmp_path):
     out = tmp_path / "lerobot-eval"
-    result = run([str(BIN / "lerobot-eval"), f"--policy.path={untrained_policy}", "--policy.device=cpu",
-                  "--env.type=pusht", "--env.obs_type=environment_state_agent_pos", "--env.episode_length=30",
-                  "--eval.n_episodes=1", "--eval.batch_size=1", f"--output_dir={out}"])
+    result = run(
+        [
+            str(BIN / "lerobot-eval"),
+            f"--policy.path={untrained_policy}",
+            "--policy.device=cpu",
+            "--env.type=pusht",
+            "--env.obs_type=environment_state_agent_pos",
+            "--env.episode_length=30",
+            "--eval.n_episodes=1",
+            "--eval.batch_size=1",
+            f"--output_dir={out}",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     info = json.loads((out / "eval_info.json").read_text())
     assert 0.0 <= info["overall"]["pc_success"] <= 100.0

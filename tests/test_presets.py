@@ -51,12 +51,12 @@ def test_unknown_preset_and_missing_features_are_clear_errors():
 
 def test_arm_preset_takes_the_joints_and_every_camera():
     config = get_preset("so-arm-image").make_config(ARM_FEATURES, device="cpu")
-    assert list(config.input_features) == ["observation.state", "observation.images.front",
-                                           "observation.images.wrist"]
+    assert list(config.input_features) == ["observation.state", "observation.images.front", "observation.images.wrist"]
     assert config.resize_shape == (96, 128) and config.crop_shape == (84, 112)
     with pytest.raises(ValueError, match=r"observation.images.\*"):  # an arm without a camera
         get_preset("so-arm-image").make_config(
-            {k: v for k, v in ARM_FEATURES.items() if "images" not in k}, device="cpu")
+            {k: v for k, v in ARM_FEATURES.items() if "images" not in k}, device="cpu"
+        )
 
 
 # On PushT data; the arm preset normalizes and trains on arm data in test_agent_arm.py.

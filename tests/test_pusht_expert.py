@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from lerobot.teleoperators.config import TeleoperatorConfig
 
 from hardware.pusht_expert import (
     MAX_REACH,
@@ -14,7 +15,6 @@ from hardware.pusht_expert import (
     get_style,
 )
 from hardware.pusht_sim import PushTSim, PushTSimConfig
-from lerobot.teleoperators.config import TeleoperatorConfig
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,10 @@ import numpy as np
 import pygame
 import pytest
 from lerobot.robots.robot import Robot
+from lerobot.utils.constants import ACTION, OBS_ENV_STATE, OBS_IMAGE, OBS_STATE
 
 from hardware.pusht_mouse import PushTMouse, PushTMouseConfig
-from hardware.pusht_sim import ACTION_KEY, ENV_STATE_KEY, IMAGE_KEY, STATE_KEY, PushTSim, PushTSimConfig, scene_state
+from hardware.pusht_sim import PushTSim, PushTSimConfig, scene_state
 
 
 @pytest.fixture
@@ -19,12 +20,12 @@ def robot():
 
 def test_features_and_observation(robot):
     assert isinstance(robot, Robot)
-    assert robot.observation_features == {IMAGE_KEY: (96, 96, 3), STATE_KEY: (2,), ENV_STATE_KEY: (16,)}
-    assert robot.action_features == {ACTION_KEY: (2,)}
+    assert robot.observation_features == {OBS_IMAGE: (96, 96, 3), OBS_STATE: (2,), OBS_ENV_STATE: (16,)}
+    assert robot.action_features == {ACTION: (2,)}
     obs = robot.get_observation()
     assert {k: v.shape for k, v in obs.items()} == robot.observation_features
-    assert obs[IMAGE_KEY].dtype == np.uint8 and obs[STATE_KEY].dtype == np.float32
-    np.testing.assert_allclose(obs[STATE_KEY], robot.env.agent.position, rtol=1e-6)
+    assert obs[OBS_IMAGE].dtype == np.uint8 and obs[OBS_STATE].dtype == np.float32
+    np.testing.assert_allclose(obs[OBS_STATE], robot.env.agent.position, rtol=1e-6)
 
 
 def test_reset_is_deterministic_per_seed(robot):
@@ -34,19 +35,19 @@ def test_reset_is_deterministic_per_seed(robot):
     other = robot.get_observation()
     robot.reset(7)
     again = robot.get_observation()
-    np.testing.assert_array_equal(first[ENV_STATE_KEY], again[ENV_STATE_KEY])
-    assert not np.array_equal(first[ENV_STATE_KEY], other[ENV_STATE_KEY])
+    np.testing.assert_array_equal(first[OBS_ENV_STATE], again[OBS_ENV_STATE])
+    assert not np.array_equal(first[OBS_ENV_STATE], other[OBS_ENV_STATE])
 
 
 def test_actions_move_the_agent_and_episodes_end(robot):
     robot.reset(0)
-    start = robot.get_observation()[STATE_KEY]
+    start = robot.get_observation()[OBS_STATE]
     target = np.clip(start + np.array([40.0, 0.0]), 0, 512).astype(np.float32)
-    for step in range(5):
+    for _ in range(5):
         assert not robot.episode_status().done
-        sent = robot.send_action({ACTION_KEY: target})
-        np.testing.assert_array_equal(sent[ACTION_KEY], target)
-    assert np.linalg.norm(robot.get_observation()[STATE_KEY] - target) < np.linalg.norm(start - target)
+        sent = robot.send_action({ACTION: target})
+        np.testing.assert_array_equal(sent[ACTION], target)
+    assert np.linalg.norm(robot.get_observation()[OBS_STATE] - target) < np.linalg.norm(start - target)
     status = robot.episode_status()
     assert status.done and not status.success and 0.0 <= status.coverage <= 1.0
     assert robot.render().shape == (256, 256, 3)
@@ -68,12 +69,12 @@ def test_mouse_operator_holds_until_grabbed_then_follows(robot, monkeypatch):
         agent = np.asarray(robot.env.agent.position, dtype=np.float32)
         far = (int(agent[0] + 200) % 512, int(agent[1] + 200) % 512)
         monkeypatch.setattr(pygame.mouse, "get_pos", lambda: far)  # the pointer is the hardware boundary
-        np.testing.assert_allclose(mouse.get_action()[ACTION_KEY], agent)
+        np.testing.assert_allclose(mouse.get_action()[ACTION], agent)
         near = (int(agent[0]) + 5, int(agent[1]))
         monkeypatch.setattr(pygame.mouse, "get_pos", lambda: near)
-        np.testing.assert_allclose(mouse.get_action()[ACTION_KEY], near)
+        np.testing.assert_allclose(mouse.get_action()[ACTION], near)
         monkeypatch.setattr(pygame.mouse, "get_pos", lambda: far)  # once grabbed, it follows
-        np.testing.assert_allclose(mouse.get_action()[ACTION_KEY], far)
+        np.testing.assert_allclose(mouse.get_action()[ACTION], far)
     finally:
         mouse.disconnect()
 

@@ -7,16 +7,17 @@ import logging
 
 import numpy as np
 import pytest
-from arm_bench import RANGE, frame_index, waving_hand, write_calibration, write_video
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
+from lerobot.utils.constants import ACTION, OBS_STATE
 
-from fedbot.recording import open_store, record_episodes
+from fedbot.recording import record_session
 from hardware.cameras import CameraSettings
 from hardware.errors import CalibrationMissing, HardwareFault
 from hardware.factory import make_robot, make_teleop
 from hardware.feetech_emulator import EmulatedBus
-from hardware.pusht_sim import ACTION_KEY, STATE_KEY
 from hardware.so_arm import STEP_LIMIT_WARNING
+
+from arm_bench import RANGE, frame_index, waving_hand, write_calibration, write_video
 
 MAX_STEP_DEGREES = 10.0
 DEGREES_PER_STEP = 360 / 4095
@@ -28,15 +29,21 @@ def bench(tmp_path):
     calibration = tmp_path / "calibration"
     write_calibration(calibration, "arm")
     write_calibration(calibration, "arm-leader")
-    with EmulatedBus(tmp_path / "follower") as follower, \
-            EmulatedBus(tmp_path / "leader", hand=waving_hand) as leader:
+    with EmulatedBus(tmp_path / "follower") as follower, EmulatedBus(tmp_path / "leader", hand=waving_hand) as leader:
         yield tmp_path, follower, leader
 
 
 def _arm(tmp_path, cameras=None, **settings):
-    return make_robot("so101_follower", "arm", port=str(tmp_path / "follower"), fps=30,
-                      calibration_dir=tmp_path / "calibration", max_relative_target=MAX_STEP_DEGREES,
-                      cameras=cameras or {}, **settings)
+    return make_robot(
+        "so101_follower",
+        "arm",
+        port=str(tmp_path / "follower"),
+        fps=30,
+        calibration_dir=tmp_path / "calibration",
+        max_relative_target=MAX_STEP_DEGREES,
+        cameras=cameras or {},
+        **settings,
+    )
 
 
 def test_connect_writes_the_calibration_file_to_the_motors_without_asking(bench):
@@ -47,22 +54,26 @@ def test_connect_writes_the_calibration_file_to_the_motors_without_asking(bench)
         assert follower.register(servo, "Min_Position_Limit") == RANGE[0]
         assert follower.register(servo, "Max_Position_Limit") == RANGE[1]
         assert follower.register(servo, "Homing_Offset") == 12
-    state = arm.get_observation()[STATE_KEY]
+    state = arm.get_observation()[OBS_STATE]
     assert state.shape == (6,) and np.isfinite(state).all()
     arm.disconnect()
 
 
 def test_a_missing_calibration_names_the_command_and_leaves_the_port_alone(bench):
     tmp_path, follower, _ = bench
-    arm = make_robot("so100_follower", "new-arm", port=str(tmp_path / "follower"),
-                     calibration_dir=tmp_path / "calibration")
+    arm = make_robot(
+        "so100_follower", "new-arm", port=str(tmp_path / "follower"), calibration_dir=tmp_path / "calibration"
+    )
     with pytest.raises(CalibrationMissing) as error:
         arm.connect()
-    assert (f"lerobot-calibrate --robot.type=so100_follower --robot.port={tmp_path / 'follower'} "
-            f"--robot.id=new-arm --robot.calibration_dir={tmp_path / 'calibration'}") in str(error.value)
+    assert (
+        f"lerobot-calibrate --robot.type=so100_follower --robot.port={tmp_path / 'follower'} "
+        f"--robot.id=new-arm --robot.calibration_dir={tmp_path / 'calibration'}"
+    ) in str(error.value)
     assert follower.torque_writes == [] and follower.register(1, "Min_Position_Limit") == 0
-    leader = make_teleop("so101_leader", id="nobody", port=str(tmp_path / "leader"),
-                         calibration_dir=tmp_path / "calibration")
+    leader = make_teleop(
+        "so101_leader", id="nobody", port=str(tmp_path / "leader"), calibration_dir=tmp_path / "calibration"
+    )
     with pytest.raises(CalibrationMissing, match="--teleop.type=so101_leader"):
         leader.connect()
 
@@ -77,12 +88,12 @@ def test_actions_stay_within_the_joint_range_and_the_step_limit(bench, caplog):
     arm.reset(0)
     start = len(follower.goals)
     for _ in range(5):  # far above the range: the joint limit binds
-        arm.send_action({ACTION_KEY: np.full(6, 1000.0, np.float32)})
+        arm.send_action({ACTION: np.full(6, 1000.0, np.float32)})
     arm.get_observation()  # answered after the writes before it: the emulator has them all
     assert [goal for _, goal, _ in follower.goals[start:]] == [RANGE[1]] * 30
     start = len(follower.goals)
     for _ in range(5):  # far below: the step limit binds (10 degrees from where the joint is)
-        arm.send_action({ACTION_KEY: np.full(6, -1000.0, np.float32)})
+        arm.send_action({ACTION: np.full(6, -1000.0, np.float32)})
     arm.get_observation()
     # lerobot limits the step from the position it read just before writing; the joint may have
     # moved a few steps (3000 steps/s) by the time the goal arrives.
@@ -99,11 +110,13 @@ def test_actions_stay_within_the_joint_range_and_the_step_limit(bench, caplog):
 
 def test_hold_and_an_ordered_torque_off(bench):
     tmp_path, follower, _ = bench
-    arm = _arm(tmp_path, torque_off_order=("gripper", "wrist_roll", "wrist_flex", "elbow_flex",
-                                           "shoulder_lift", "shoulder_pan"))
+    arm = _arm(
+        tmp_path,
+        torque_off_order=("gripper", "wrist_roll", "wrist_flex", "elbow_flex", "shoulder_lift", "shoulder_pan"),
+    )
     arm.connect()
     arm.reset(0)
-    arm.send_action({ACTION_KEY: np.full(6, 9.0, np.float32)})
+    arm.send_action({ACTION: np.full(6, 9.0, np.float32)})
     arm.hold()
     arm.get_observation()
     present = follower.present()
@@ -126,22 +139,23 @@ def test_a_pulled_cable_is_a_fault_until_the_port_returns(bench):
         arm.connect()
     follower.plug()
     arm.connect()
-    assert arm.fault is None and arm.get_observation()[STATE_KEY].shape == (6,)
+    assert arm.fault is None and arm.get_observation()[OBS_STATE].shape == (6,)
     arm.disconnect()
 
 
 def test_the_leader_drives_the_follower(bench):
     tmp_path, follower, leader = bench
     arm = _arm(tmp_path)
-    hand = make_teleop("so101_leader", id="arm-leader", port=str(tmp_path / "leader"),
-                       calibration_dir=tmp_path / "calibration")
+    hand = make_teleop(
+        "so101_leader", id="arm-leader", port=str(tmp_path / "leader"), calibration_dir=tmp_path / "calibration"
+    )
     arm.connect()
     hand.connect()
     arm.reset(0)
     actions = []
     for _ in range(30):
         action = hand.get_action()
-        actions.append(action[ACTION_KEY])
+        actions.append(action[ACTION])
         arm.send_action(action)
     assert all(leader.register(servo, "Torque_Enable") == 0 for servo in range(1, 7))  # the person moves it
     assert np.ptp(np.array(actions), axis=0).min() > 0  # every joint of the leader moved
@@ -170,8 +184,13 @@ def test_a_video_file_is_a_live_camera_until_it_ends(bench):
 
 
 def _stats(low: float, high: float, size: int) -> dict:
-    return {"min": np.full(size, low), "max": np.full(size, high), "mean": np.zeros(size), "std": np.ones(size),
-            "count": np.array([100])}
+    return {
+        "min": np.full(size, low),
+        "max": np.full(size, high),
+        "mean": np.zeros(size),
+        "std": np.ones(size),
+        "count": np.array([100]),
+    }
 
 
 def test_a_stalled_or_failing_policy_leaves_the_arm_holding(bench):
@@ -190,11 +209,19 @@ def test_a_stalled_or_failing_policy_leaves_the_arm_holding(bench):
     video = write_video(tmp_path / "front.mp4", seconds=1.0)
     arm = _arm(tmp_path, cameras={"front": CameraSettings(str(video), width=64, height=48, fps=30)})
     arm.connect()
-    image_stats = {"mean": np.full((3, 1, 1), 0.5), "std": np.full((3, 1, 1), 0.25), "min": np.zeros((3, 1, 1)),
-                   "max": np.ones((3, 1, 1)), "count": np.array([100])}
-    loaded = policy_from_stats(get_preset("so-arm-image"), dataset_features(arm), {
-        STATE_KEY: _stats(-90, 90, 6), ACTION_KEY: _stats(-90, 90, 6), "observation.images.front": image_stats},
-        device="cpu")
+    image_stats = {
+        "mean": np.full((3, 1, 1), 0.5),
+        "std": np.full((3, 1, 1), 0.25),
+        "min": np.zeros((3, 1, 1)),
+        "max": np.ones((3, 1, 1)),
+        "count": np.array([100]),
+    }
+    loaded = policy_from_stats(
+        get_preset("so-arm-image"),
+        dataset_features(arm),
+        {OBS_STATE: _stats(-90, 90, 6), ACTION: _stats(-90, 90, 6), "observation.images.front": image_stats},
+        device="cpu",
+    )
     release = threading.Event()
 
     def stalled(batch):  # the policy hangs (a stuck accelerator, a deadlock), then fails
@@ -232,7 +259,7 @@ def test_a_stalled_or_failing_policy_leaves_the_arm_holding(bench):
 
 def test_hardware_check_says_what_is_missing_and_what_to_do(tmp_path, capsys):
     from agent.config import load_config
-    from fedbot.cli import main
+    from cli.main import main
     from hardware.check import check_hardware
 
     write_calibration(tmp_path / "calibration", "arm")  # the leader has none
@@ -241,25 +268,28 @@ def test_hardware_check_says_what_is_missing_and_what_to_do(tmp_path, capsys):
     config.write_text(f"""robot-id = "arm"
 [robot]
 type = "so101_follower"
-port = "{tmp_path / 'follower'}"
+port = "{tmp_path / "follower"}"
 calibration-dir = "calibration"
 [robot.cameras.front]
 index-or-path = "front.mp4"
 width = 64
 height = 48
 [robot.cameras.wrist]
-index-or-path = "{tmp_path / 'no-such-camera'}"
+index-or-path = "{tmp_path / "no-such-camera"}"
 [teleop]
 type = "so100_leader"
-port = "{tmp_path / 'leader'}"
+port = "{tmp_path / "leader"}"
 """)
     with EmulatedBus(tmp_path / "follower"), EmulatedBus(tmp_path / "leader", ids=[1, 2, 3, 5, 6]):
         findings = {f.part: f for f in check_hardware(load_config(config))}
         assert main(["hardware", "check", "--config", str(config)]) == 1  # prints them as a table
     assert "MISSING" in capsys.readouterr().out
     missing = {part for part, finding in findings.items() if not finding.ok}
-    assert missing == {"so100_leader 'arm-leader' calibration", "so100_leader 'arm-leader' motor wrist_flex",
-                       "camera wrist"}
+    assert missing == {
+        "so100_leader 'arm-leader' calibration",
+        "so100_leader 'arm-leader' motor wrist_flex",
+        "camera wrist",
+    }
     assert findings["so100_leader 'arm-leader' motor wrist_flex"].detail == "id 4: no answer"
     assert "lerobot-calibrate --teleop.type=so100_leader" in findings["so100_leader 'arm-leader' calibration"].fix
     assert "lerobot-find-cameras" in findings["camera wrist"].fix
@@ -270,20 +300,17 @@ port = "{tmp_path / 'leader'}"
 def test_between_recorded_episodes_the_operator_puts_the_scene_back_unrecorded(bench):
     tmp_path, follower, leader = bench
     arm = _arm(tmp_path, episode_seconds=0.5, reset_seconds=0.5)
-    hand = make_teleop("so101_leader", id="arm-leader", port=str(tmp_path / "leader"),
-                       calibration_dir=tmp_path / "calibration")
+    hand = make_teleop(
+        "so101_leader", id="arm-leader", port=str(tmp_path / "leader"), calibration_dir=tmp_path / "calibration"
+    )
     arm.connect()
-    hand.connect()
-    store = open_store(tmp_path / "dataset", arm)
     try:
-        report = record_episodes(arm, hand, store, episodes=2, seed_start=0, realtime=True)
+        report = record_session(arm, hand, tmp_path / "dataset", episodes=2, seed_start=0)
     finally:
-        store.close()
-        hand.disconnect()
         arm.disconnect()
     dataset = LeRobotDataset("fedbot/dataset", root=tmp_path / "dataset")
     assert report.kept == 2 and dataset.meta.total_frames == 30  # 2 x 0.5 s at 30 Hz: no reset frames
-    states = np.stack([dataset[i][STATE_KEY].numpy() for i in range(30)])
+    states = np.stack([dataset[i][OBS_STATE].numpy() for i in range(30)])
     # the most a joint moved in one recorded tick, once the follower had caught up with the leader
     within = np.abs(np.diff(states[8:15], axis=0)).max()
     # the follower kept copying the leader for the 0.5 s between the episodes

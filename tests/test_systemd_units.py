@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 
 from coordinator.main import robot_keys
-from processes import Followed, NotifySocket, free_port, kill_group
+from fedbot.flower_processes import free_port
+from fedbot.process_group import signal_group
+
+from processes import Followed, NotifySocket
 
 ROOT = Path(__file__).resolve().parents[1]
 UNITS = ROOT / "deploy" / "systemd"
@@ -39,8 +42,9 @@ def test_systemd_analyze_verify_accepts_the_unit(name, tmp_path):
     assert (ROOT / ".venv" / "bin" / f"fedbot-{name}").exists(), "run `make setup` to install the console script"
     copy = tmp_path / f"fedbot-{name}.service"
     copy.write_text((UNITS / copy.name).read_text().replace("/opt/fedbot", str(ROOT)))
-    result = subprocess.run(["systemd-analyze", "verify", "--man=no", str(copy)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(copy)], capture_output=True, text=True, timeout=60
+    )
     # Unknown keys or sections and unparsable values are only warnings (exit 0) naming the file.
     problems = [line for line in (result.stdout + result.stderr).splitlines() if copy.name in line]
     assert result.returncode == 0 and not problems, result.stdout + result.stderr
@@ -78,13 +82,15 @@ EXPECTED = {
         **BOTH,
         ("Service", "StateDirectory"): "fedbot-coordinator",
         ("Service", "ExecStart"): "/opt/fedbot/.venv/bin/fedbot-coordinator run --tls /etc/fedbot/tls --auth "
-                                  "--register-dir /etc/fedbot/robots",
+        "--register-dir /etc/fedbot/robots",
     },
 }
 
 
-@pytest.mark.parametrize("name, section, key, words", [
-    (name, section, key, words) for name, table in EXPECTED.items() for (section, key), words in table.items()])
+@pytest.mark.parametrize(
+    "name, section, key, words",
+    [(name, section, key, words) for name, table in EXPECTED.items() for (section, key), words in table.items()],
+)
 def test_unit_has_the_setting(name, section, key, words):
     value = unit(name).get(section, key, fallback="")
     assert set(words.split()) <= set(value.split()), f"fedbot-{name}.service [{section}] {key}={value!r}"
@@ -110,11 +116,18 @@ def test_register_dir_takes_every_public_key_in_it(tmp_path):
 def test_coordinator_notifies_ready_and_stopping(tmp_path):
     notify = tmp_path / "notify"
     sock = NotifySocket(notify)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NOTIFY_SOCKET": str(notify),
-           "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NOTIFY_SOCKET": str(notify), "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("JOURNAL_STREAM", None)  # plain lines on stderr, as in a terminal
-    command = [str(BIN / "fedbot-coordinator"), "run", "--state-dir", str(tmp_path / "state"),
-               "--port", str(free_port()), "--output-dir", str(tmp_path / "outputs")]
+    command = [
+        str(BIN / "fedbot-coordinator"),
+        "run",
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--port",
+        str(free_port()),
+        "--output-dir",
+        str(tmp_path / "outputs"),
+    ]
     coordinator = Followed(command, tmp_path / "coordinator.log", env)
     superlink_pid = None
 
@@ -132,7 +145,7 @@ def test_coordinator_notifies_ready_and_stopping(tmp_path):
     finally:
         if coordinator.process.poll() is None:
             coordinator.kill_group(signal.SIGTERM)
-        kill_group(coordinator.process.pid)
+        signal_group(coordinator.process.pid, signal.SIGKILL)
         if superlink_pid is not None:
-            kill_group(superlink_pid)
+            signal_group(superlink_pid, signal.SIGKILL)
         sock.close()

@@ -12,7 +12,14 @@ from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
 from lerobot.policies.factory import make_pre_post_processors
 
 from fedbot.presets import get_preset
-from fedbot.training import InMemoryFrames, TrainState, last_checkpoint, new_policy, open_dataset, train
+from fedbot.training import (
+    InMemoryFrames,
+    TrainState,
+    last_checkpoint,
+    new_policy,
+    open_dataset,
+    train,
+)
 
 
 @pytest.mark.parametrize("preset", ["pusht-state", "pusht-image"])

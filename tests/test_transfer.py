@@ -6,8 +6,15 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from fedbot.transfer import (
-    aggregate_node_stats, apply_update, cast_record, load_weights, record_to_stats, stats_to_record, update_to_record,
-    weights_to_record, weights_vector,
+    aggregate_node_stats,
+    apply_update,
+    cast_record,
+    load_weights,
+    record_to_stats,
+    stats_to_record,
+    update_to_record,
+    weights_to_record,
+    weights_vector,
 )
 
 
@@ -18,13 +25,14 @@ def make_module() -> torch.nn.Module:
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [("float32", 0.0), ("float16", 1e-3)])
 def test_weights_round_trip(dtype, tolerance):
-    source, target = make_module(), torch.nn.Sequential(
-        torch.nn.Linear(8, 16), torch.nn.GroupNorm(4, 16), torch.nn.Linear(16, 2)
+    source, target = (
+        make_module(),
+        torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GroupNorm(4, 16), torch.nn.Linear(16, 2)),
     )
     record = weights_to_record(source, dtype)
     assert {a.dtype for a in record.values()} == {np.dtype(dtype).name}
     load_weights(target, record)
-    for (name, a), (_, b) in zip(source.named_parameters(), target.named_parameters()):
+    for (name, a), (_, b) in zip(source.named_parameters(), target.named_parameters(), strict=True):
         assert b.dtype == torch.float32
         assert torch.allclose(a, b, atol=tolerance, rtol=tolerance), name
 
@@ -70,8 +78,9 @@ def test_a_float16_update_keeps_changes_that_float16_weights_lose():
     train_a_little(module, 1e-5)  # smaller than half a float16 step of most weights
     trained = weights_vector(module)
     change = trained - received
-    reconstructed = torch.from_numpy(apply_update(global_fp32, update_to_record(module, received, "float16"))
-                                     .popitem()[1].numpy())
+    reconstructed = torch.from_numpy(
+        apply_update(global_fp32, update_to_record(module, received, "float16")).popitem()[1].numpy()
+    )
     # the coordinator's float32 weights move by the robot's change, rounded relative to the change itself
     # (float16 keeps 11 bits; below 2**-14 its steps are 2**-24, hence the absolute 2**-25)
     moved = reconstructed - torch.from_numpy(global_fp32.popitem()[1].numpy())
@@ -89,7 +98,7 @@ def test_float32_updates_give_back_the_trained_weights():
     weights = apply_update(global_fp32, update_to_record(module, received))
     target = make_module()
     load_weights(target, weights)
-    for a, b in zip(module.parameters(), target.parameters()):
+    for a, b in zip(module.parameters(), target.parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-6)
 
 
@@ -110,8 +119,16 @@ def test_stats_round_trip_and_aggregate_like_pooled_data():
     parts = [rng.normal(i, 1 + i, size=(50 * (i + 1), 2)) for i in range(3)]
 
     def summary(x):
-        return {"state": {"count": np.array([len(x)]), "mean": x.mean(0), "std": x.std(0),
-                          "min": x.min(0), "max": x.max(0), "q50": np.median(x, 0)}}
+        return {
+            "state": {
+                "count": np.array([len(x)]),
+                "mean": x.mean(0),
+                "std": x.std(0),
+                "min": x.min(0),
+                "max": x.max(0),
+                "q50": np.median(x, 0),
+            }
+        }
 
     shared = [record_to_stats(stats_to_record(summary(p), ["state"])) for p in parts]
     assert set(shared[0]["state"]) == {"count", "mean", "std", "min", "max"}  # no quantiles, no frames

@@ -37,7 +37,7 @@ class RunConfig:
     sim_data_dir: str = "data/fleet"
 
     @classmethod
-    def from_run_config(cls, run_config: dict) -> "RunConfig":
+    def from_run_config(cls, run_config: dict) -> RunConfig:
         """Parse Flower's run config; unknown keys and wrong types name the key and its source."""
         config = from_mapping(cls, dict(run_config), SOURCE)
         config.validate()

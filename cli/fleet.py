@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import threading
 import time
@@ -28,10 +27,20 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from agent.control_api import request
-from agent.supernode import BIN
+from agent.config import (
+    AgentConfig,
+    ControlSection,
+    CoordinatorSection,
+    IdleSection,
+    RobotSection,
+    TeleopSection,
+)
 from fedbot.atomic_files import write_json_atomic
+from fedbot.control_client import request
+from fedbot.flower_processes import BIN, free_port
+from fedbot.run_config import RunConfig
 from fedbot.scenes import EVAL_SEED_START
+from fedbot.typed_config import changed_keys, write_toml
 
 STARTUP_TIMEOUT = 300.0
 DEPLOY_TIMEOUT = 300.0
@@ -50,23 +59,20 @@ class FleetSettings:
     out: Path = Path("outputs")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _agent_config(directory: Path, name: str, style: str, superlink: str, part: tuple[int, int]) -> Path:
-    config = directory / "agent.toml"
-    config.write_text(
-        f'robot-id = "{name}"\ndata-dir = "data"\nsocket = "agent.sock"\n'
-        f'[robot]\nscene-part = {part[0]}\nscene-parts = {part[1]}\n'
-        f'[teleop]\nstyle = "{style}"\n'
-        f'[coordinator]\nsuperlink = "{superlink}"\nsupernode-port = {_free_port()}\n'
-        "[idle]\nmin-new-episodes = 1\ncooldown-seconds = 0.0\n"
-        "[control]\nrate-hz = 10.0\n"
+    """The robot's agent file: data and socket beside it, idle as soon as it recorded an episode."""
+    config = AgentConfig(
+        robot_id=name,
+        data_dir=Path("data"),
+        socket=Path("agent.sock"),
+        robot=RobotSection(scene_part=part[0], scene_parts=part[1]),
+        teleop=TeleopSection(style=style),
+        coordinator=CoordinatorSection(superlink=superlink, supernode_port=free_port()),
+        idle=IdleSection(min_new_episodes=1, cooldown_seconds=0.0),
+        control=ControlSection(rate_hz=10.0),
     )
-    return config
+    write_toml(directory / "agent.toml", config)
+    return directory / "agent.toml"
 
 
 class Fleet:
@@ -74,7 +80,7 @@ class Fleet:
         self.settings = settings
         self.console = console
         self.run_dir = Path(settings.out) / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-        self.port = _free_port()
+        self.port = free_port()
         self.processes: list[subprocess.Popen] = []
         self.robots: list[Path] = []
         self.coordinator: subprocess.Popen | None = None
@@ -93,12 +99,30 @@ class Fleet:
         styles = sorted(STYLES)
         s = self.settings
         self.run_dir.mkdir(parents=True)
-        run_config = (f"num-server-rounds={s.rounds} min-nodes={s.robots} local-steps={s.local_steps} "
-                      f"eval-episodes={s.eval_episodes} fraction-evaluate=0.0")
+        run_config = changed_keys(
+            RunConfig(
+                num_server_rounds=s.rounds,
+                min_nodes=s.robots,
+                local_steps=s.local_steps,
+                eval_episodes=s.eval_episodes,
+                fraction_evaluate=0.0,
+            )
+        )
         self.coordinator = self._spawn(
-            [str(BIN / "fedbot-coordinator"), "run", "--state-dir", str(self.run_dir / "coordinator"),
-             "--port", str(self.port), "--output-dir", str(self.run_dir / "federation"), "--run-config", run_config],
-            self.run_dir / "coordinator.log")
+            [
+                str(BIN / "fedbot-coordinator"),
+                "run",
+                "--state-dir",
+                str(self.run_dir / "coordinator"),
+                "--port",
+                str(self.port),
+                "--output-dir",
+                str(self.run_dir / "federation"),
+                "--run-config",
+                run_config,
+            ],
+            self.run_dir / "coordinator.log",
+        )
         threading.Thread(target=self._show_rounds, daemon=True).start()
         for i in range(s.robots):
             directory = self.run_dir / "robots" / f"robot{i}"
@@ -109,8 +133,10 @@ class Fleet:
             self.robots.append(directory)
         for robot in self.robots:
             self._wait_for_agent(robot)
-        self.console.print(f"coordinator on 127.0.0.1:{self.port}; {s.robots} agents up "
-                           f"(styles {', '.join(styles[i % len(styles)] for i in range(s.robots))})")
+        self.console.print(
+            f"coordinator on 127.0.0.1:{self.port}; {s.robots} agents up "
+            f"(styles {', '.join(styles[i % len(styles)] for i in range(s.robots))})"
+        )
 
     def _wait_for_agent(self, robot: Path) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -153,8 +179,10 @@ class Fleet:
             if all(s["live-model"] is not None and s["live-model"]["round"] == self.settings.rounds for s in statuses):
                 return
             if time.monotonic() > deadline:
-                raise RuntimeError("the final model did not go live on every robot: "
-                                   f"{[s['live-model'] for s in statuses]}; see the agent logs")
+                raise RuntimeError(
+                    "the final model did not go live on every robot: "
+                    f"{[s['live-model'] for s in statuses]}; see the agent logs"
+                )
             time.sleep(1.0)  # the deploy message travels and each agent checks the model
 
     def close(self) -> None:
@@ -180,21 +208,29 @@ def run_fleet(settings: FleetSettings, console: Console) -> dict:
         console.print(f"robots idle: they join the federation for {settings.rounds} rounds")
         fleet.wait_for_deployment()
         console.print(f"final global model live on every robot; {settings.policy_episodes} policy episodes each")
-        after = (fleet.on_each_robot("run", episodes=settings.policy_episodes, seed=EVAL_SEED_START)
-                 if settings.policy_episodes else [None] * settings.robots)
+        after = (
+            fleet.on_each_robot("run", episodes=settings.policy_episodes, seed=EVAL_SEED_START)
+            if settings.policy_episodes
+            else [None] * settings.robots
+        )
         statuses = fleet.on_each_robot("status")
     finally:
         fleet.close()
     summary = {"run-dir": str(fleet.run_dir), "federation": str(fleet.run_dir / "federation"), "robots": []}
     for i, (run, status) in enumerate(zip(after, statuses, strict=True)):
-        summary["robots"].append({
-            "robot": f"robot{i}", "episodes": status["episodes"], "rounds-joined": status["rounds-joined"],
-            "live-model": status["live-model"]["name"], "live-model-sha256": status["live-model"]["sha256"],
-            "success-before": None,  # every robot of a dry run starts fresh, without a model
-            "success-after": None if run is None else run["success-rate"],
-            "policy-episodes": 0 if run is None else run["episodes"],
-            "missed-ticks": status["control"]["missed"],
-        })
+        summary["robots"].append(
+            {
+                "robot": f"robot{i}",
+                "episodes": status["episodes"],
+                "rounds-joined": status["rounds-joined"],
+                "live-model": status["live-model"]["name"],
+                "live-model-sha256": status["live-model"]["sha256"],
+                "success-before": None,  # every robot of a dry run starts fresh, without a model
+                "success-after": None if run is None else run["success-rate"],
+                "policy-episodes": 0 if run is None else run["episodes"],
+                "missed-ticks": status["control"]["missed"],
+            }
+        )
     write_json_atomic(fleet.run_dir / "summary.json", summary)
     console.print(summary_table(summary))
     console.print(f"outputs: {fleet.run_dir} (summary.json; federation/: global models, metrics.png, videos)")
@@ -207,6 +243,7 @@ def summary_table(summary: dict) -> Table:
         table.add_column(column, no_wrap=column == "live model")
     for row in summary["robots"]:
         after = "not run" if row["success-after"] is None else f"{row['success-after']:.0%} of {row['policy-episodes']}"
-        table.add_row(row["robot"], str(row["episodes"]), str(row["rounds-joined"]), row["live-model"], "no model",
-                      after)
+        table.add_row(
+            row["robot"], str(row["episodes"]), str(row["rounds-joined"]), row["live-model"], "no model", after
+        )
     return table

@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from agent.control_api import DEFAULT_SOCKET
+from fedbot.control_client import DEFAULT_SOCKET
 
 console = Console(soft_wrap=True)
 errors = Console(stderr=True, soft_wrap=True)
@@ -41,35 +41,64 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     agent = argparse.ArgumentParser(add_help=False)
-    agent.add_argument("--socket", type=Path, default=Path(os.environ.get("FEDBOT_AGENT_SOCKET", DEFAULT_SOCKET)),
-                       help=f"the agent's control socket (default: $FEDBOT_AGENT_SOCKET or {DEFAULT_SOCKET})")
+    agent.add_argument(
+        "--socket",
+        type=Path,
+        default=Path(os.environ.get("FEDBOT_AGENT_SOCKET", DEFAULT_SOCKET)),
+        help=f"the agent's control socket (default: $FEDBOT_AGENT_SOCKET or {DEFAULT_SOCKET})",
+    )
 
     scenes = argparse.ArgumentParser(add_help=False)
-    scenes.add_argument("--scene-part", type=_non_negative, default=0,
-                        help="the simulator's scenes restricted to this part (the T's starting angle in sector "
-                             "PART of --scene-parts)")
-    scenes.add_argument("--scene-parts", type=_positive, default=1, help="equal sectors of the T's starting angle "
-                                                                          "(default 1: the whole distribution)")
+    scenes.add_argument(
+        "--scene-part",
+        type=_non_negative,
+        default=0,
+        help="the simulator's scenes restricted to this part (the T's starting angle in sector PART of --scene-parts)",
+    )
+    scenes.add_argument(
+        "--scene-parts",
+        type=_positive,
+        default=1,
+        help="equal sectors of the T's starting angle (default 1: the whole distribution)",
+    )
 
-    rec = sub.add_parser("record", parents=[agent, scenes], help="record teleoperated episodes into a LeRobot dataset",
-                         description="A teleop session on the running agent (which owns the robot and its "
-                                     "dataset), or with --sim --root, directly into a dataset directory.")
+    rec = sub.add_parser(
+        "record",
+        parents=[agent, scenes],
+        help="record teleoperated episodes into a LeRobot dataset",
+        description="A teleop session on the running agent (which owns the robot and its "
+        "dataset), or with --sim --root, directly into a dataset directory.",
+    )
     rec.add_argument("--sim", action="store_true", help="record in the PushT simulator without an agent (needs --root)")
     rec.add_argument("--root", type=Path, help="with --sim: dataset directory (created or appended)")
     rec.add_argument("--episodes", type=_positive, required=True, help="number of episodes to attempt")
-    rec.add_argument("--operator", choices=["expert", "mouse"], default="expert",
-                     help="scripted expert or a person with the mouse (default: expert)")
-    rec.add_argument("--style", default="default",
-                     help="expert operator style: default, swift, careful, clockwise (hardware/pusht_expert.py)")
-    rec.add_argument("--seed", type=_non_negative, default=0,
-                     help=f"first scene seed; episodes use seed, seed+1, ... (< {EVAL_SEED_START})")
+    rec.add_argument(
+        "--operator",
+        choices=["expert", "mouse"],
+        default="expert",
+        help="scripted expert or a person with the mouse (default: expert)",
+    )
+    rec.add_argument(
+        "--style",
+        default="default",
+        help="expert operator style: default, swift, careful, clockwise (hardware/pusht_expert.py)",
+    )
+    rec.add_argument(
+        "--seed",
+        type=_non_negative,
+        default=0,
+        help=f"first scene seed; episodes use seed, seed+1, ... (< {EVAL_SEED_START})",
+    )
     rec.add_argument("--task", default=None, help=f"task stored with every frame (default: {DEFAULT_TASK!r})")
     rec.add_argument("--keep-failed", action="store_true", help="also keep failed demonstrations")
 
     tr = sub.add_parser("train", help="train a DiffusionPolicy on one dataset (resumes from --out)")
     tr.add_argument("--dataset", type=Path, required=True, help="dataset directory")
-    tr.add_argument("--preset", default="pusht-state",
-                    help="policy preset: pusht-state, pusht-image, so-arm-image (fedbot/presets.py)")
+    tr.add_argument(
+        "--preset",
+        default="pusht-state",
+        help="policy preset: pusht-state, pusht-image, so-arm-image (fedbot/presets.py)",
+    )
     tr.add_argument("--steps", type=_non_negative, required=True, help="total optimizer steps")
     tr.add_argument("--out", type=Path, required=True, help="run directory (checkpoints/ inside)")
     tr.add_argument("--save-every", type=_positive, default=1000, help="checkpoint period in steps")
@@ -79,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", parents=[scenes], help="evaluate a saved policy in the PushT simulator")
     ev.add_argument("--policy", type=Path, required=True, help="saved policy directory")
     ev.add_argument("--episodes", type=_positive, required=True)
-    ev.add_argument("--seed-start", type=int, default=EVAL_SEED_START,
-                    help=f"first held-out seed (>= {EVAL_SEED_START})")
+    ev.add_argument(
+        "--seed-start", type=int, default=EVAL_SEED_START, help=f"first held-out seed (>= {EVAL_SEED_START})"
+    )
     ev.add_argument("--out", type=Path, required=True, help="directory for eval.json and rollout videos")
     ev.add_argument("--videos", type=_non_negative, default=2, help="episodes to save as mp4")
     ev.add_argument("--device", default=None)
@@ -93,24 +123,37 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("rollback", parents=[agent], help="make the previously live model live again")
 
     hw = sub.add_parser("hardware", help="check the robot's devices").add_subparsers(dest="action", required=True)
-    check = hw.add_parser("check", help="list serial ports, ping every motor, read a frame from each camera",
-                          description="Checks every device of the agent config; run it while the agent is "
-                                      "stopped (two processes on one serial port corrupt each other).")
+    check = hw.add_parser(
+        "check",
+        help="list serial ports, ping every motor, read a frame from each camera",
+        description="Checks every device of the agent config; run it while the agent is "
+        "stopped (two processes on one serial port corrupt each other).",
+    )
     check.add_argument("--config", type=Path, default=Path("/etc/fedbot/agent.toml"), help="the agent TOML")
 
-    sim = sub.add_parser("sim", help="the fleet dry run: a coordinator and simulated robot agents on localhost",
-                         description="A coordinator and N `fedbot-agent --sim` robots over the real Flower "
-                                     "deployment engine: record, federate, deploy, hot-swap, run the policy.")
+    sim = sub.add_parser(
+        "sim",
+        help="the fleet dry run: a coordinator and simulated robot agents on localhost",
+        description="A coordinator and N `fedbot-agent --sim` robots over the real Flower "
+        "deployment engine: record, federate, deploy, hot-swap, run the policy.",
+    )
     sim.add_argument("--robots", type=_positive, default=2, help="simulated robots (agents)")
     sim.add_argument("--episodes", type=_positive, default=8, help="demonstrations each robot records")
     sim.add_argument("--rounds", type=_positive, default=2, help="federated rounds")
     sim.add_argument("--local-steps", type=_positive, default=100, help="training steps per robot per round")
-    sim.add_argument("--policy-episodes", type=_non_negative, default=3,
-                     help="episodes each robot runs with the deployed model at the end (0: none)")
+    sim.add_argument(
+        "--policy-episodes",
+        type=_non_negative,
+        default=3,
+        help="episodes each robot runs with the deployed model at the end (0: none)",
+    )
     sim.add_argument("--eval-episodes", type=_positive, default=2, help="server-side evaluation episodes per round")
-    sim.add_argument("--split-scenes", action="store_true",
-                     help="non-IID scenes: robot i records only scene part i of --robots (the T's starting angle "
-                          "in its own sector); held-out evaluation still draws from every scene")
+    sim.add_argument(
+        "--split-scenes",
+        action="store_true",
+        help="non-IID scenes: robot i records only scene part i of --robots (the T's starting angle "
+        "in its own sector); held-out evaluation still draws from every scene",
+    )
     sim.add_argument("--out", type=Path, default=Path("outputs"), help="parent of the run directory")
     return parser
 
@@ -120,8 +163,16 @@ def cmd_record(args) -> int:
         raise ValueError("recording without an agent needs both --sim and --root DIR")
     if args.root is None:
         return _agent_command(args, "record", episodes=args.episodes, task=args.task)
-    report = _record(args.root, args.episodes, args.operator, args.style, args.seed, args.task, args.keep_failed,
-                     scenes=(args.scene_part, args.scene_parts))
+    report = _record(
+        args.root,
+        args.episodes,
+        args.operator,
+        args.style,
+        args.seed,
+        args.task,
+        args.keep_failed,
+        scenes=(args.scene_part, args.scene_parts),
+    )
     console.print(
         f"kept {report.kept} of {report.attempted} episodes ({report.successes} successful); "
         f"{args.root} now holds {report.total_episodes} episodes"
@@ -129,10 +180,18 @@ def cmd_record(args) -> int:
     return 0
 
 
-def _record(root: Path, episodes: int, operator_kind: str, style: str, seed: int, task: str | None = None,
-            keep_failed: bool = False, scenes: tuple[int, int] = (0, 1)):
+def _record(
+    root: Path,
+    episodes: int,
+    operator_kind: str,
+    style: str,
+    seed: int,
+    task: str | None = None,
+    keep_failed: bool = False,
+    scenes: tuple[int, int] = (0, 1),
+):
     """Record episodes in the sim with the chosen operator; prints one line per episode."""
-    from fedbot.recording import check_recording_seeds, open_store, record_episodes
+    from fedbot.recording import check_recording_seeds, record_session
     from fedbot.scenes import DEFAULT_TASK
     from hardware.factory import make_robot, make_teleop
 
@@ -140,26 +199,26 @@ def _record(root: Path, episodes: int, operator_kind: str, style: str, seed: int
     robot = make_robot("pusht_sim", root.name, scene_part=scenes[0], scene_parts=scenes[1])
     operator = make_teleop(operator_kind, seed, style=style)
     robot.connect()
-    operator.connect()
-    operator.attach(robot)
-    store = open_store(root, robot)
     try:
-        return record_episodes(
-            robot, operator, store, episodes=episodes, seed_start=seed, task=task or DEFAULT_TASK,
-            keep_failed=keep_failed, realtime=getattr(operator, "realtime", False),
+        return record_session(
+            robot,
+            operator,
+            root,
+            episodes=episodes,
+            seed_start=seed,
+            task=task or DEFAULT_TASK,
+            keep_failed=keep_failed,
             on_episode=lambda s, status: console.print(
                 f"seed {s}: {'success' if status.success else 'failed'} (coverage {status.coverage:.2f})"
             ),
         )
     finally:
-        store.close()
-        operator.disconnect()
         robot.disconnect()
 
 
 def _agent_command(args, command: str, **arguments) -> int:
     """One request to the running agent; prints its answer."""
-    from agent.control_api import request
+    from fedbot.control_client import request
 
     reply = request(args.socket, command, **{k: v for k, v in arguments.items() if v is not None})
     if command == "models":
@@ -185,8 +244,13 @@ def cmd_train(args) -> int:
     from fedbot.training import train
 
     policy_dir = train(
-        args.dataset, get_preset(args.preset), args.steps, args.out,
-        save_every=args.save_every, seed=args.seed, device=args.device,
+        args.dataset,
+        get_preset(args.preset),
+        args.steps,
+        args.out,
+        save_every=args.save_every,
+        seed=args.seed,
+        device=args.device,
     )
     console.print(f"policy: {policy_dir}")
     return 0
@@ -197,8 +261,12 @@ def cmd_eval(args) -> int:
     from fedbot.policy_io import load_policy
 
     report = evaluate(
-        load_policy(args.policy, args.device), args.episodes, args.out,
-        seed_start=args.seed_start, videos=args.videos, policy_name=str(args.policy),
+        load_policy(args.policy, args.device),
+        args.episodes,
+        args.out,
+        seed_start=args.seed_start,
+        videos=args.videos,
+        policy_name=str(args.policy),
         scenes=(args.scene_part, args.scene_parts),
     )
     print_report(report)
@@ -221,11 +289,18 @@ def cmd_hardware(args) -> int:
 
 
 def cmd_sim(args) -> int:
-    from fedbot.fleet import FleetSettings, run_fleet
+    from cli.fleet import FleetSettings, run_fleet
 
-    settings = FleetSettings(robots=args.robots, episodes=args.episodes, rounds=args.rounds,
-                             local_steps=args.local_steps, policy_episodes=args.policy_episodes,
-                             eval_episodes=args.eval_episodes, split_scenes=args.split_scenes, out=args.out)
+    settings = FleetSettings(
+        robots=args.robots,
+        episodes=args.episodes,
+        rounds=args.rounds,
+        local_steps=args.local_steps,
+        policy_episodes=args.policy_episodes,
+        eval_episodes=args.eval_episodes,
+        split_scenes=args.split_scenes,
+        out=args.out,
+    )
     run_fleet(settings, console)
     return 0
 
@@ -233,11 +308,16 @@ def cmd_sim(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     handlers = {"record": cmd_record, "train": cmd_train, "eval": cmd_eval, "sim": cmd_sim, "hardware": cmd_hardware}
-    handlers.update({name: lambda a, name=name: _agent_command(a, name, episodes=getattr(a, "episodes", None))
-                     for name in ("status", "run", "stop", "models", "rollback")})
+    handlers.update(
+        {
+            name: lambda a, name=name: _agent_command(a, name, episodes=getattr(a, "episodes", None))
+            for name in ("status", "run", "stop", "models", "rollback")
+        }
+    )
     handler = handlers[args.command]
     try:
         return handler(args)
