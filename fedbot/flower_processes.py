@@ -1,11 +1,16 @@
 """How fedbot starts Flower's processes: where their executables are, the environment each gets,
-and free ports for several of them on one host."""
+free ports for several of them on one host, and a SuperLink for Flower's simulation engine."""
 
 from __future__ import annotations
 
 import os
+import select
 import socket
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flower-superexec and flwr beside python
@@ -37,3 +42,46 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Return once something accepts connections on 127.0.0.1:`port` (connect attempts, not sleeps);
+    fails if `process` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with {process.returncode} before listening on {port}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
+            return
+        except OSError:
+            select.select([], [], [], 0.2)  # back off before the next connection attempt
+    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
+
+
+@contextmanager
+def simulation_superlink(home: Path) -> Iterator[dict[str, str]]:
+    """A `flower-superlink --simulation` on a free port, with FLWR_HOME `home` whose default connection
+    `sim` is it; yields the environment for `flwr run . sim` and stops the SuperLink afterwards."""
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "sim"\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    env = flower_environment(home)
+    command = [
+        str(BIN / "flower-superlink"),
+        "--insecure",
+        "--simulation",
+        "--disable-runtime-dependency-installation",
+        "--port",
+        str(port),
+    ]
+    with open(home / "superlink.log", "ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_for_port(port, process)
+        yield env
+    finally:
+        os.killpg(process.pid, 15)
+        process.wait(timeout=60)

@@ -1,19 +1,14 @@
 """A federated run on Flower's simulation engine: a real SuperLink, `flwr run .`, two virtual robots."""
 
 import json
-import os
-import select
-import socket
 import subprocess
-import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from fedbot.flower_processes import FLOWER_ENVIRONMENT, free_port
+from fedbot.flower_processes import BIN, simulation_superlink
 from fedbot.model_manifest import sha256_file
 from fedbot.policy_io import load_policy
 from fedbot.run_config import RunConfig
@@ -23,58 +18,13 @@ from arm_bench import record_arm_dataset
 from helpers import assert_replies_hold_no_data, record_wander
 
 PROJECT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 120.0) -> None:
-    """Return once the SuperLink accepts connections (connect attempts, not sleeps)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "flower-superlink exited"
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
-            return
-        except OSError:
-            select.select([], [], [], 0.2)  # back off before the next connection attempt
-    raise TimeoutError(f"SuperLink on port {port} did not come up in {timeout} s")
 
 
 @pytest.fixture
 def superlink(tmp_path):
     """A simulation SuperLink on a free port, and a FLWR_HOME whose default connection is it."""
-    port = free_port()
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "sim"\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
-    )
-    env = {
-        **os.environ,
-        **FLOWER_ENVIRONMENT,
-        "FLWR_HOME": str(home),
-        "PATH": f"{BIN}:{os.environ['PATH']}",
-        "HF_HUB_OFFLINE": "1",
-    }
-    log = open(tmp_path / "superlink.log", "w")
-    process = subprocess.Popen(
-        [
-            str(BIN / "flower-superlink"),
-            "--insecure",
-            "--simulation",
-            "--disable-runtime-dependency-installation",
-            "--port",
-            str(port),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
-    wait_for_port(port, process)
-    yield env
-    os.killpg(process.pid, 15)
-    process.wait(timeout=60)
-    log.close()
+    with simulation_superlink(tmp_path / "flwr-home") as env:
+        yield env
 
 
 def run_on_two_virtual_robots(env: dict, fleet: Path, out: Path, run: RunConfig) -> Path:

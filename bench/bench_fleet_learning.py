@@ -1,0 +1,294 @@
+"""Is federating worth it? Local-only, federated and centralized training on exactly the same data.
+
+A simulated fleet (default 4 robots x 25 expert demonstrations, robot i with operator style i and
+scene part i: non-IID, as `fedbot sim --split-scenes` records them) is trained three ways with the
+same recipe (the preset's) and the same compute:
+
+- local: each robot alone on its own episodes, for its local steps summed over the rounds;
+- federated: the project's ServerApp and ClientApp on Flower's simulation engine (`--strategies`:
+  FedAvg and any of FedProx, FedAdam), `--rounds` rounds of `--local-steps` per robot;
+- centralized: the pooled episodes (lerobot's aggregate_datasets), as many gradient samples as the
+  federation (robots x rounds x local steps, same batch size).
+
+Every model at each budget of `--budgets` (in rounds) is evaluated on `--eval` held-out seeds
+(>= 100000, the whole scene distribution); local models also on their own robot's scene part.
+Each finished point is appended to `<work>/results.jsonl` and a run is resumed from its last
+checkpoint, so the bench can be stopped and started again with the same arguments. Prints a table
+with 95% Wilson intervals and writes `<work>/fleet_learning.png`.
+
+    .venv/bin/python bench/bench_fleet_learning.py [--robots 4] [--episodes 25] [--rounds 20]
+        [--local-steps 500] [--budgets 5 10 20] [--eval 100] [--seeds 0 1] [--arms local federated centralized]
+        [--strategies fedavg] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from bench.common import fleet_datasets, machine, pooled_dataset, wilson  # noqa: E402
+from fedbot.evaluation import evaluate  # noqa: E402
+from fedbot.flower_processes import BIN, simulation_superlink  # noqa: E402
+from fedbot.policy_io import load_policy  # noqa: E402
+from fedbot.presets import get_preset  # noqa: E402
+from fedbot.run_config import RunConfig  # noqa: E402
+from fedbot.training import PRETRAINED_MODEL_DIR, train  # noqa: E402
+from fedbot.typed_config import changed_keys  # noqa: E402
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+class Results:
+    """results.jsonl: one line per evaluated point, keyed by (arm, seed, budget, robot, scenes)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        lines = path.read_text().splitlines() if path.exists() else []
+        self.rows = [json.loads(line) for line in lines if line.strip()]
+
+    @staticmethod
+    def key(row: dict) -> tuple:
+        return row["arm"], row["seed"], row["budget_rounds"], row.get("robot"), row["scenes"]
+
+    def has(self, **key) -> bool:
+        return any(self.key(row) == self.key(key) for row in self.rows)
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+
+def evaluate_point(results: Results, policy: Path, episodes: int, scenes: tuple[int, int], **key) -> None:
+    if results.has(**key):
+        return
+    report = evaluate(load_policy(policy), episodes, scenes=scenes)
+    successes = sum(e.success for e in report.episodes)
+    results.add(
+        {
+            **key,
+            "successes": successes,
+            "episodes": episodes,
+            "success_rate": report.success_rate,
+            "mean_max_coverage": report.mean_max_coverage,
+        }
+    )
+
+
+def train_alone(
+    args, results: Results, dataset: Path, out: Path, steps_per_round: int, arm: str, seed: int, robot: int | None
+) -> None:
+    """`fedbot train` on one dataset to the last budget; each budget's checkpoint is evaluated."""
+    budgets = {rounds * steps_per_round: rounds for rounds in args.budgets}
+    started = time.monotonic()
+
+    def on_checkpoint(checkpoint: Path) -> None:
+        rounds = budgets.get(int(checkpoint.name))
+        if rounds is None:
+            return
+        wall = time.monotonic() - started  # this process's training time since it (re)started
+        key = dict(
+            arm=arm,
+            seed=seed,
+            budget_rounds=rounds,
+            robot=robot,
+            samples=rounds * steps_per_round * get_preset(args.preset).batch_size,
+            train_wall_s=wall,
+        )
+        policy = checkpoint / PRETRAINED_MODEL_DIR
+        evaluate_point(results, policy, args.eval, (0, 1), scenes="all", **key)
+        if robot is not None and rounds == max(args.budgets):
+            evaluate_point(results, policy, args.eval, (robot, args.robots), scenes="own", **key)
+
+    train(
+        dataset,
+        get_preset(args.preset),
+        max(args.budgets) * steps_per_round,
+        out,
+        save_every=steps_per_round,
+        keep_checkpoints=len(args.budgets) + 1,
+        seed=seed,
+        show_progress=False,
+        on_checkpoint=on_checkpoint,
+    )
+
+
+def federate(args, results: Results, data: Path, work: Path, strategy: str, seed: int) -> None:
+    """The real ServerApp and ClientApp on Flower's simulation engine; the run's saved global
+    models are evaluated at each budget. A stopped run is continued by the coordinator's resume."""
+    arm = f"federated-{strategy}"
+    if all(results.has(arm=arm, seed=seed, budget_rounds=b, robot=None, scenes="all") for b in args.budgets):
+        return
+    out = work / f"{arm}-seed{seed}"
+    run = replace(
+        RunConfig(),
+        num_server_rounds=max(args.rounds, *args.budgets),
+        local_steps=args.local_steps,
+        min_nodes=args.robots,
+        fraction_evaluate=0.0,
+        eval_episodes=0,
+        strategy=strategy,
+        seed=seed,
+        preset=args.preset,
+        sim_data_dir=str(data),
+        output_dir=str(out),
+        round_timeout=7200.0,
+    )
+    started = time.monotonic()
+    with simulation_superlink(work / "superlink") as env:
+        result = subprocess.run(
+            [
+                str(BIN / "flwr"),
+                "run",
+                ".",
+                "sim",
+                "--stream",
+                "--run-config",
+                changed_keys(run),
+                "--federation-config",
+                f"num-supernodes={args.robots} client-resources-num-cpus=2",
+            ],
+            cwd=PROJECT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+    (work / f"{arm}-seed{seed}.log").write_text(result.stdout + result.stderr)
+    runs = [d for d in out.iterdir() if (d / "state.json").is_file()]
+    finished = [d for d in runs if json.loads((d / "state.json").read_text())["finished"]]
+    if not finished:
+        raise RuntimeError(f"the federated run did not finish; see {work / f'{arm}-seed{seed}.log'}")
+    run_dir = max(finished)
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for budget in args.budgets:
+        wall = sum(r["seconds"] for r in rounds if r["round"] <= budget)
+        key = dict(
+            arm=arm,
+            seed=seed,
+            budget_rounds=budget,
+            robot=None,
+            samples=budget * args.local_steps * args.robots * get_preset(args.preset).batch_size,
+            train_wall_s=wall,
+            this_process_wall_s=time.monotonic() - started,
+        )
+        evaluate_point(results, run_dir / "global_model" / f"round_{budget}", args.eval, (0, 1), scenes="all", **key)
+
+
+def print_table(results: Results, args) -> None:
+    table = Table(
+        title=f"fleet learning: {args.robots} robots x {args.episodes} demonstrations, non-IID scenes, "
+        f"{args.eval} held-out seeds per point; {machine()}"
+    )
+    for column in ("arm", "budget (rounds)", "samples", "seeds", "success (95% CI)", "mean max coverage", "train wall"):
+        table.add_column(column, justify="left" if column == "arm" else "right")
+    groups: dict[tuple, list[dict]] = {}
+    for row in results.rows:
+        arm = row["arm"] if row["robot"] is None else f"local ({row['scenes']} scenes)"
+        groups.setdefault((arm, row["budget_rounds"]), []).append(row)
+    for (arm, budget), rows in sorted(groups.items()):
+        successes, episodes = sum(r["successes"] for r in rows), sum(r["episodes"] for r in rows)
+        low, high = wilson(successes, episodes)
+        coverage = sum(r["mean_max_coverage"] for r in rows) / len(rows)
+        table.add_row(
+            arm,
+            str(budget),
+            f"{rows[0]['samples']:,}",
+            str(len({r["seed"] for r in rows})),
+            f"{successes / episodes:.0%} ({low:.0%}-{high:.0%})",
+            f"{coverage:.3f}",
+            f"{max(r['train_wall_s'] for r in rows) / 60:.0f} min",
+        )
+    Console(width=160).print(table)
+
+
+def plot(results: Results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (success_axis, coverage_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    arms = sorted({(r["arm"], r["scenes"]) for r in results.rows})
+    for arm, scenes in arms:
+        rows = [r for r in results.rows if r["arm"] == arm and r["scenes"] == scenes]
+        budgets = sorted({r["budget_rounds"] for r in rows})
+        label = arm if arm != "local" else f"local, {scenes} scenes (mean of robots)"
+        for axis, field in ((success_axis, "success_rate"), (coverage_axis, "mean_max_coverage")):
+            means = [
+                sum(r[field] for r in rows if r["budget_rounds"] == b)
+                / len([r for r in rows if r["budget_rounds"] == b])
+                for b in budgets
+            ]
+            axis.plot(budgets, means, marker="o", label=label)
+    success_axis.set(xlabel="budget (rounds x local steps per robot)", ylabel="success rate", ylim=(0, 1))
+    coverage_axis.set(xlabel="budget (rounds x local steps per robot)", ylabel="mean max coverage", ylim=(0, 1))
+    success_axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--robots", type=int, default=4)
+    parser.add_argument("--episodes", type=int, default=25, help="demonstrations per robot")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--local-steps", type=int, default=500)
+    parser.add_argument("--budgets", type=int, nargs="+", default=[5, 10, 20], help="evaluated budgets, in rounds")
+    parser.add_argument("--eval", type=int, default=100, help="held-out seeds per point")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
+    parser.add_argument("--arms", nargs="+", default=["local", "federated", "centralized"])
+    parser.add_argument("--strategies", nargs="+", default=["fedavg"])
+    parser.add_argument("--preset", default="pusht-state")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "fedbot-fleet-learning")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    results = Results(args.work / "results.jsonl")
+
+    data = args.work / f"fleet-{args.robots}x{args.episodes}-split"
+    robots = fleet_datasets(data, args.robots, args.episodes, split_scenes=True)
+    pooled = pooled_dataset(args.work / "pooled", robots)
+    for seed in args.seeds:
+        if "federated" in args.arms:
+            for strategy in args.strategies:
+                federate(args, results, data, args.work, strategy, seed)
+        if "local" in args.arms:
+            for i, dataset in enumerate(robots):
+                train_alone(
+                    args,
+                    results,
+                    dataset,
+                    args.work / f"local-robot{i}-seed{seed}",
+                    args.local_steps,
+                    "local",
+                    seed,
+                    robot=i,
+                )
+        if "centralized" in args.arms:
+            train_alone(
+                args,
+                results,
+                pooled,
+                args.work / f"centralized-seed{seed}",
+                args.local_steps * args.robots,
+                "centralized",
+                seed,
+                robot=None,
+            )
+    print_table(results, args)
+    plot(results, args.work / "fleet_learning.png")
+
+
+if __name__ == "__main__":
+    main()
