@@ -155,8 +155,14 @@ class TrainState:
     def seek(self, step: int) -> None:
         """Put the step counter, the schedule and the EMA's decay warmup at `step`."""
         self.step = step
-        self.scheduler.last_epoch = step - 1
-        self.scheduler.step()  # sets every group's learning rate for `step`
+        # The schedule is a LambdaLR (lerobot's presets build diffusers' schedules): the rate at
+        # `step` is its base rate times its factor there.
+        self.scheduler.last_epoch = step
+        for group, base, factor in zip(
+            self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas, strict=True
+        ):
+            group["lr"] = base * factor(step)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         if self.ema is not None:
             self.ema.optimization_step = step
 
