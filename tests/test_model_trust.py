@@ -1,12 +1,20 @@
-"""Signed model directories (fedbot/model_manifest.py), tried as an attacker would: every way of
-getting a model past the signature check is refused, naming the check that failed."""
+"""Model directories tried as an attacker would: every way of getting a model past the signature
+check (fedbot/model_manifest.py) is refused, naming the check that failed; and a model whose files
+name code to run is refused by the loader (fedbot/policy_io.py) without running it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import select
 import shutil
+import time
 
+import numpy as np
 import pytest
+import torch
+from lerobot.policies.factory import make_pre_post_processors
+from lerobot.processor import DataProcessorPipeline
 
 from fedbot.model_manifest import (
     MANIFEST,
@@ -18,6 +26,7 @@ from fedbot.model_manifest import (
     sign_model_dir,
     verify_model_dir,
 )
+from fedbot.policy_io import PolicyFormatError, load_policy
 
 
 @pytest.fixture
@@ -111,3 +120,86 @@ def test_a_model_signed_by_a_key_the_robot_does_not_trust_is_refused(signed, key
     sign_model_dir(resigned, load_private_key(keys["stranger"][0]), {"round": 3})
     with pytest.raises(ModelNotTrusted, match="does not trust"):
         verify_model_dir(resigned, [keys["lab"][1]])
+
+
+# -- nothing in a model directory is imported by name (fedbot/policy_io.py) -------------------------
+def _observation():
+    return {
+        "observation.state": np.array([100.0, 200.0], np.float32),
+        "observation.environment_state": np.linspace(50, 400, 16).astype(np.float32),
+    }
+
+
+def test_the_safe_loader_gives_lerobots_own_processors(untrained_policy):
+    ours = load_policy(untrained_policy, "cpu")
+    pre, post = make_pre_post_processors(ours.policy.config, pretrained_path=str(untrained_policy))
+    batch = {key: torch.as_tensor(value)[None] for key, value in _observation().items()}
+    theirs, mine = pre(dict(batch)), ours.preprocessor(dict(batch))
+    assert theirs.keys() == mine.keys() and "observation.state" in mine
+    for key, value in theirs.items():
+        assert torch.equal(value, mine[key]) if isinstance(value, torch.Tensor) else value == mine[key], key
+    action = torch.tensor([[0.3, -0.7]])
+    assert torch.equal(post(action), ours.postprocessor(action))
+    assert ours.preprocessor.get_config() == pre.get_config()
+
+
+def _plant_step(name, entry):
+    def damage(model):
+        data = json.loads((model / name).read_text())
+        data["steps"].insert(0, entry)
+        (model / name).write_text(json.dumps(data))
+
+    return damage
+
+
+def test_a_processor_step_naming_code_is_refused_and_never_runs(tmp_path, untrained_policy):
+    """The attack works on lerobot's own loader (the marker appears); fedbot's refuses it unrun."""
+    marker = tmp_path / "pwned"
+    model = tmp_path / "model"
+    shutil.copytree(untrained_policy, model)
+    _plant_step("policy_preprocessor.json", {"class": "subprocess.Popen", "config": {"args": ["touch", str(marker)]}})(
+        model
+    )
+    with pytest.raises(PolicyFormatError, match="policy_preprocessor.json is not lerobot's diffusion pipeline"):
+        load_policy(model, "cpu")
+    assert not marker.exists()
+    with contextlib.suppress(Exception):
+        DataProcessorPipeline.from_pretrained(str(model), config_filename="policy_preprocessor.json")
+    deadline = time.monotonic() + 30
+    while not marker.exists() and time.monotonic() < deadline:  # Popen returns before touch has run
+        select.select([], [], [], 0.05)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (
+            _plant_step("policy_postprocessor.json", {"registry_name": "tokenizer_processor", "config": {}}),
+            "policy_postprocessor.json is not lerobot's diffusion pipeline",
+        ),
+        (
+            _replace_json(
+                "policy_preprocessor.json",
+                lambda d: {
+                    **d,
+                    "steps": [
+                        {**s, "state_file": "../../etc/passwd.safetensors"} if "state_file" in s else s
+                        for s in d["steps"]
+                    ],
+                },
+            ),
+            "policy_preprocessor.json is not lerobot's diffusion pipeline",
+        ),
+        (_replace_json("config.json", lambda c: {**c, "type": "act"}), "not a diffusion policy"),
+        (_replace_json("config.json", lambda c: {**c, "down_dims": [64, 128, 1_000_000]}), "out of bounds"),
+        (_replace_json("config.json", lambda c: {**c, "no_such_field": 1}), "config.json: "),
+        (lambda m: (m / "config.json").write_text("[]"), "not a diffusion policy"),
+    ],
+)
+def test_a_model_directory_of_another_shape_is_refused(tmp_path, untrained_policy, damage, reason):
+    model = tmp_path / "model"
+    shutil.copytree(untrained_policy, model)
+    damage(model)
+    with pytest.raises(PolicyFormatError, match=reason):
+        load_policy(model, "cpu")
