@@ -4,6 +4,8 @@ The rounds are driven through the strategy's own configure/aggregate methods (ra
 `strategy.start`, which always begins at round 1) so that a restarted coordinator continues from its
 last saved global model and round. The global model stays float32 here; robots get it in the run's
 `weights-dtype` and answer with updates that are added to it before aggregation (fedbot/transfer.py).
+Talking to the robots through Flower's Grid (waiting for them, exchanges, auditing replies) is
+coordinator/grid.py.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
+from coordinator.grid import exchange, fit_to_live_nodes, for_transfer, messages_to, wait_for_nodes
 from coordinator.registry import RunDirectory
 from fedbot.evaluation import evaluate, features_the_simulator_lacks
 from fedbot.policy_io import LoadedPolicy, load_policy
@@ -27,8 +30,6 @@ from fedbot.training import policy_from_stats
 from fedbot.transfer import (
     aggregate_node_stats,
     apply_update,
-    cast_record,
-    describe_content,
     load_weights,
     record_to_stats,
     stats_to_record,
@@ -37,8 +38,6 @@ from fedbot.transfer import (
 
 log = logging.getLogger("fedbot.coordinator")
 app = ServerApp()
-NODE_WAIT_LOG_S = 10.0
-REPLY_POLL_S = 0.25
 
 
 def make_strategy(run: RunConfig):
@@ -56,65 +55,11 @@ def make_strategy(run: RunConfig):
     return FedAvg(**common)
 
 
-def wait_for_nodes(grid: Grid, count: int) -> list[int]:
-    """Block until `count` robots are connected (robots join when they are idle)."""
-    last_log = 0.0
-    while len(nodes := list(grid.get_node_ids())) < count:
-        if time.monotonic() - last_log > NODE_WAIT_LOG_S:
-            log.info("waiting for robots: %d of %d connected", len(nodes), count)
-            last_log = time.monotonic()
-        time.sleep(1.0)  # polling the SuperLink; Flower's Grid offers no wait
-    return nodes
-
-
-def fit_to_live_nodes(strategy, run: RunConfig, nodes: list[int]) -> None:
-    """Lower the strategy's node minimums to the robots connected now.
-
-    `min-nodes` robots must be there when a coordinator (re)starts its rounds; after that a robot
-    that drops out must not stall the others, but Flower's `configure_*` would wait forever for it.
-    """
-    if len(nodes) < run.min_nodes:
-        log.warning("continuing with %d of %d robots (min-nodes)", len(nodes), run.min_nodes)
-    live = max(1, min(run.min_nodes, len(nodes)))
-    strategy.min_available_nodes = strategy.min_train_nodes = strategy.min_evaluate_nodes = live
-
-
-def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
-    """`Grid.send_and_receive`, but polling for replies every REPLY_POLL_S instead of Flower's fixed
-    3 s: that sleep came on top of every exchange (bench/bench_round_overhead.py)."""
-    pending = set(grid.push_messages(messages))
-    deadline = time.monotonic() + timeout
-    replies: list[Message] = []
-    while pending and time.monotonic() < deadline:
-        arrived = list(grid.pull_messages(pending))
-        replies += arrived
-        pending -= {reply.metadata.reply_to_message_id for reply in arrived}
-        if pending:
-            time.sleep(REPLY_POLL_S)
-    return replies
-
-
-def exchange(grid: Grid, messages: list[Message], run: RunConfig, what: str, directory: RunDirectory):
-    """Send, receive within the round timeout, log failures, audit what every robot sent back."""
-    replies = send_and_receive(grid, messages, run.round_timeout)
-    good = [r for r in replies if not r.has_error()]
-    for reply in replies:
-        if reply.has_error():
-            log.warning("%s: a robot failed (code %s): %s", what, reply.error.code, reply.error.reason)
-        else:
-            directory.audit(what, reply.metadata.src_node_id, describe_content(reply.content))
-    missing = len(messages) - len(replies)
-    if missing:
-        log.warning("%s: %d robots did not answer within %.0f s", what, missing, run.round_timeout)
-    return good, len(messages) - len(good)
-
-
 def federated_stats(grid: Grid, run: RunConfig, directory: RunDirectory) -> tuple[dict, dict]:
     """Ask every robot for its dataset summary and aggregate them: global stats and features."""
     nodes = wait_for_nodes(grid, run.min_nodes)
     config = RecordDict({"config": ConfigRecord({"preset": run.preset})})
-    messages = [Message(config, dst_node_id=node, message_type="query.stats") for node in nodes]
-    replies, _ = exchange(grid, messages, run, "statistics", directory)
+    replies, _ = exchange(grid, messages_to(nodes, config, "query.stats"), run, "statistics", directory)
     if len(replies) < run.min_nodes:
         raise RuntimeError(f"only {len(replies)} robots sent statistics; min-nodes is {run.min_nodes}")
     features = json.loads(replies[0].content["info"]["features"])
@@ -124,18 +69,6 @@ def federated_stats(grid: Grid, run: RunConfig, directory: RunDirectory) -> tupl
     robots = {r.content["info"]["robot"]: r.content["info"]["frames"] for r in replies}
     log.info("global statistics from %d robots (frames: %s)", len(replies), robots)
     return stats, features
-
-
-def for_transfer(messages, run: RunConfig, stats_record) -> list[Message]:
-    """The strategy's messages with the global statistics and the weights in the transfer dtype."""
-    messages = list(messages)
-    if not messages:
-        return []
-    sent = cast_record(messages[0].content["arrays"], run.weights_dtype)  # the same global model for all
-    for message in messages:
-        message.content["arrays"] = sent
-        message.content["stats"] = stats_record
-    return messages
 
 
 def trained_weights(replies: list[Message], arrays) -> list[Message]:
@@ -271,11 +204,10 @@ def deploy(grid: Grid, run: RunConfig, directory: RunDirectory, arrays, stats_re
     """Send the final global model with its manifest to every robot's model inbox."""
     final_round, path = directory.latest_model()
     manifest = json.loads((path / "manifest.json").read_text())
-    nodes = list(grid.get_node_ids())
     content = RecordDict(
         {"arrays": arrays, "stats": stats_record, "manifest": ConfigRecord({"json": json.dumps(manifest)})}
     )
-    messages = [Message(content, dst_node_id=node, message_type="query.deploy") for node in nodes]
+    messages = messages_to(list(grid.get_node_ids()), content, "query.deploy")
     replies, _ = exchange(grid, messages, run, "deploy", directory)
     for reply in replies:
         log.info("deployed round %d to %s", final_round, reply.content["deployed"]["robot"])
