@@ -1,5 +1,10 @@
 """The coordinator's Flower ServerApp: federated statistics, rounds, evaluation, registry, deploy.
 
+`main` is the run as a sequence of steps: start or resume, then for each round train, evaluate and
+record, and finally deploy and mark the run finished. Talking to the robots through Flower's Grid
+(waiting for them, exchanges, auditing replies) is coordinator/grid.py; the run directory with its
+models, metrics and resume state is coordinator/registry.py.
+
 The rounds are driven through the strategy's own configure/aggregate methods (rather than
 `strategy.start`, which always begins at round 1) so that a restarted coordinator continues from its
 last saved global model and round. The global model stays float32 here; robots get it in the run's
@@ -12,12 +17,14 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
+from coordinator.grid import exchange, fit_to_live_nodes, for_transfer, messages_to, wait_for_nodes
 from coordinator.registry import RunDirectory
 from fedbot.evaluation import evaluate, features_the_simulator_lacks
 from fedbot.policy_io import LoadedPolicy, load_policy
@@ -27,8 +34,6 @@ from fedbot.training import policy_from_stats
 from fedbot.transfer import (
     aggregate_node_stats,
     apply_update,
-    cast_record,
-    describe_content,
     load_weights,
     record_to_stats,
     stats_to_record,
@@ -37,11 +42,115 @@ from fedbot.transfer import (
 
 log = logging.getLogger("fedbot.coordinator")
 app = ServerApp()
-NODE_WAIT_LOG_S = 10.0
-REPLY_POLL_S = 0.25
 
 
-def make_strategy(run: RunConfig):
+@dataclass
+class RunState:
+    """A federated run's live state: what the steps of `main` read, and the global model they change."""
+
+    run: RunConfig
+    directory: RunDirectory
+    loaded: LoadedPolicy  # the global model as a policy: evaluated, saved
+    arrays: ArrayRecord  # the same global model as the strategy sees it: float32 weights
+    stats_record: ArrayRecord  # the global normalization statistics, sent with every model
+    strategy: Strategy
+    evaluated: bool  # whether the simulator can run the policy: rounds are evaluated
+
+    @classmethod
+    def of(cls, run: RunConfig, directory: RunDirectory, loaded: LoadedPolicy, stats: dict) -> RunState:
+        evaluated = not features_the_simulator_lacks(loaded)
+        if not evaluated:
+            log.info("the PushT simulator cannot run %s policies: global models are not evaluated", run.preset)
+        return cls(
+            run=run,
+            directory=directory,
+            loaded=loaded,
+            arrays=weights_to_record(loaded.policy),  # the float32 global model; sent in run.weights_dtype
+            stats_record=stats_to_record(stats, list(stats)),
+            strategy=make_strategy(run),
+            evaluated=evaluated,
+        )
+
+    def due(self, server_round: int, every: int) -> bool:
+        """Whether a step done every `every` rounds (and after the last one) is due this round."""
+        return server_round % every == 0 or server_round == self.run.num_server_rounds
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    log_to_stdout()
+    run = RunConfig.from_run_config(context.run_config)
+    state, last_round = start_or_resume(grid, run, RunDirectory.open(run))
+    for server_round in range(last_round + 1, run.num_server_rounds + 1):
+        started = time.monotonic()
+        # min-nodes robots when the rounds (re)start; after that, whoever is still there
+        row = train(grid, state, server_round, run.min_nodes if server_round == last_round + 1 else 1)
+        if state.evaluated and state.due(server_round, run.eval_every):
+            row.update(evaluate_round(grid, state, server_round))
+        record(state, row, started)
+    deploy(grid, state)
+    finish(state)
+
+
+def log_to_stdout() -> None:
+    """Our INFO lines to stdout, which Flower streams to `flwr run --stream` / `flwr log`; force:
+    imports may have configured the root logger already. Other libraries' INFO (every HTTP request)
+    stays out."""
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stdout, force=True, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("fedbot").setLevel(logging.INFO)
+
+
+# -- start or resume ----------------------------------------------------------------------------
+
+
+def start_or_resume(grid: Grid, run: RunConfig, directory: RunDirectory) -> tuple[RunState, int]:
+    """The run's state and the last round done: a fresh run starts from federated statistics and
+    seeded initial weights, saved as round 0; a resumed one from its latest saved model, with the
+    statistics that model carries and the strategy's saved state."""
+    resumed = directory.latest_model()
+    if resumed is None:
+        stats, features = federated_stats(grid, run, directory)
+        torch.manual_seed(run.seed)  # the initial global weights
+        state = RunState.of(run, directory, policy_from_stats(get_preset(run.preset), features, stats), stats)
+        directory.save_model(0, state.loaded, {})
+        return state, 0
+    last_round, path = resumed
+    loaded = load_policy(path)
+    log.info("continuing after round %d from %s", last_round, path)
+    state = RunState.of(run, directory, loaded, loaded_stats(loaded))
+    restore_strategy_state(state.strategy, directory.strategy_state(last_round))
+    directory.forget_rounds_after(last_round)
+    return state, last_round
+
+
+def federated_stats(grid: Grid, run: RunConfig, directory: RunDirectory) -> tuple[dict, dict]:
+    """Ask every robot for its dataset summary and aggregate them: global stats and features."""
+    nodes = wait_for_nodes(grid, run.min_nodes)
+    config = RecordDict({"config": ConfigRecord({"preset": run.preset})})
+    replies, _ = exchange(grid, messages_to(nodes, config, "query.stats"), run, "statistics", directory)
+    if len(replies) < run.min_nodes:
+        raise RuntimeError(f"only {len(replies)} robots sent statistics; min-nodes is {run.min_nodes}")
+    features = json.loads(replies[0].content["info"]["features"])
+    for feature in features.values():
+        feature["shape"] = tuple(feature["shape"])
+    stats = aggregate_node_stats([record_to_stats(r.content["stats"]) for r in replies])
+    robots = {r.content["info"]["robot"]: r.content["info"]["frames"] for r in replies}
+    log.info("global statistics from %d robots (frames: %s)", len(replies), robots)
+    return stats, features
+
+
+def loaded_stats(loaded: LoadedPolicy) -> dict:
+    """The normalization statistics a saved global model carries in its preprocessor."""
+    step = next(s for s in loaded.preprocessor.steps if getattr(s, "stats", None))
+    return {
+        key: {name: value.cpu().numpy() if hasattr(value, "cpu") else value for name, value in stats.items()}
+        for key, stats in step.stats.items()
+    }
+
+
+def make_strategy(run: RunConfig) -> Strategy:
     common = dict(
         fraction_train=run.fraction_train,
         fraction_evaluate=run.fraction_evaluate,
@@ -56,177 +165,54 @@ def make_strategy(run: RunConfig):
     return FedAvg(**common)
 
 
-def wait_for_nodes(grid: Grid, count: int) -> list[int]:
-    """Block until `count` robots are connected (robots join when they are idle)."""
-    last_log = 0.0
-    while len(nodes := list(grid.get_node_ids())) < count:
-        if time.monotonic() - last_log > NODE_WAIT_LOG_S:
-            log.info("waiting for robots: %d of %d connected", len(nodes), count)
-            last_log = time.monotonic()
-        time.sleep(1.0)  # polling the SuperLink; Flower's Grid offers no wait
-    return nodes
+def strategy_state(strategy: Strategy) -> dict:
+    """Server-optimizer state that a resumed run needs (FedAdam's moments); empty for FedAvg/FedProx."""
+    state = {}
+    for name in ("m_t", "v_t"):
+        for key, value in (getattr(strategy, name, None) or {}).items():
+            state[f"{name}/{key}"] = value
+    return state
 
 
-def fit_to_live_nodes(strategy, run: RunConfig, nodes: list[int]) -> None:
-    """Lower the strategy's node minimums to the robots connected now.
-
-    `min-nodes` robots must be there when a coordinator (re)starts its rounds; after that a robot
-    that drops out must not stall the others, but Flower's `configure_*` would wait forever for it.
-    """
-    if len(nodes) < run.min_nodes:
-        log.warning("continuing with %d of %d robots (min-nodes)", len(nodes), run.min_nodes)
-    live = max(1, min(run.min_nodes, len(nodes)))
-    strategy.min_available_nodes = strategy.min_train_nodes = strategy.min_evaluate_nodes = live
+def restore_strategy_state(strategy: Strategy, state: dict) -> None:
+    for name in ("m_t", "v_t"):
+        moments = {key.split("/", 1)[1]: value for key, value in state.items() if key.startswith(f"{name}/")}
+        if moments:
+            setattr(strategy, name, moments)
+            log.info("restored %s of %s (%d arrays)", name, type(strategy).__name__, len(moments))
 
 
-def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
-    """`Grid.send_and_receive`, but polling for replies every REPLY_POLL_S instead of Flower's fixed
-    3 s: that sleep came on top of every exchange (bench/bench_round_overhead.py)."""
-    pending = set(grid.push_messages(messages))
-    deadline = time.monotonic() + timeout
-    replies: list[Message] = []
-    while pending and time.monotonic() < deadline:
-        arrived = list(grid.pull_messages(pending))
-        replies += arrived
-        pending -= {reply.metadata.reply_to_message_id for reply in arrived}
-        if pending:
-            time.sleep(REPLY_POLL_S)
-    return replies
+# -- a round: train, evaluate, record -----------------------------------------------------------
 
 
-def exchange(grid: Grid, messages: list[Message], run: RunConfig, what: str, directory: RunDirectory):
-    """Send, receive within the round timeout, log failures, audit what every robot sent back."""
-    replies = send_and_receive(grid, messages, run.round_timeout)
-    good = [r for r in replies if not r.has_error()]
-    for reply in replies:
-        if reply.has_error():
-            log.warning("%s: a robot failed (code %s): %s", what, reply.error.code, reply.error.reason)
-        else:
-            directory.audit(what, reply.metadata.src_node_id, describe_content(reply.content))
-    missing = len(messages) - len(replies)
-    if missing:
-        log.warning("%s: %d robots did not answer within %.0f s", what, missing, run.round_timeout)
-    return good, len(messages) - len(good)
-
-
-def federated_stats(grid: Grid, run: RunConfig, directory: RunDirectory) -> tuple[dict, dict]:
-    """Ask every robot for its dataset summary and aggregate them: global stats and features."""
-    nodes = wait_for_nodes(grid, run.min_nodes)
-    config = RecordDict({"config": ConfigRecord({"preset": run.preset})})
-    messages = [Message(config, dst_node_id=node, message_type="query.stats") for node in nodes]
-    replies, _ = exchange(grid, messages, run, "statistics", directory)
-    if len(replies) < run.min_nodes:
-        raise RuntimeError(f"only {len(replies)} robots sent statistics; min-nodes is {run.min_nodes}")
-    features = json.loads(replies[0].content["info"]["features"])
-    for feature in features.values():
-        feature["shape"] = tuple(feature["shape"])
-    stats = aggregate_node_stats([record_to_stats(r.content["stats"]) for r in replies])
-    robots = {r.content["info"]["robot"]: r.content["info"]["frames"] for r in replies}
-    log.info("global statistics from %d robots (frames: %s)", len(replies), robots)
-    return stats, features
-
-
-def for_transfer(messages, run: RunConfig, stats_record) -> list[Message]:
-    """The strategy's messages with the global statistics and the weights in the transfer dtype."""
-    messages = list(messages)
-    if not messages:
-        return []
-    sent = cast_record(messages[0].content["arrays"], run.weights_dtype)  # the same global model for all
-    for message in messages:
-        message.content["arrays"] = sent
-        message.content["stats"] = stats_record
-    return messages
-
-
-def trained_weights(replies: list[Message], arrays) -> list[Message]:
-    """Replies with each robot's update turned into its float32 weights (global + update), which
-    is what the strategies aggregate; a reply whose update does not fit the model is dropped."""
-    usable = []
-    for reply in replies:
-        try:
-            reply.content["arrays"] = apply_update(arrays, reply.content["arrays"])
-        except ValueError as error:
-            log.warning("a robot's update was dropped (node %s): %s", reply.metadata.src_node_id, error)
-            continue
-        usable.append(reply)
-    return usable
-
-
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    # stdout, which Flower streams to `flwr run --stream` / `flwr log`; force: imports may have
-    # configured the root logger already. Other libraries' INFO (every HTTP request) stays out.
-    logging.basicConfig(
-        level=logging.WARNING, stream=sys.stdout, force=True, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+def train(grid: Grid, state: RunState, server_round: int, min_robots: int) -> dict:
+    """One training round once `min_robots` are connected: configure, send the global model in the
+    transfer dtype, exchange, turn the robots' updates into weights and aggregate them into the new
+    global model. Returns the round's metrics row so far."""
+    run, strategy = state.run, state.strategy
+    fit_to_live_nodes(strategy, run, wait_for_nodes(grid, min_robots))
+    messages = for_transfer(
+        strategy.configure_train(server_round, state.arrays, ConfigRecord(), grid), run, state.stats_record
     )
-    logging.getLogger("fedbot").setLevel(logging.INFO)
-    run = RunConfig.from_run_config(context.run_config)
-    directory = RunDirectory.open(run)
-    resumed = directory.latest_model()
-    if resumed is None:
-        stats, features = federated_stats(grid, run, directory)
-        torch.manual_seed(run.seed)  # the initial global weights
-        loaded = policy_from_stats(get_preset(run.preset), features, stats)
-        start_round = 0
-    else:
-        start_round, path = resumed
-        loaded = load_policy(path)
-        stats = loaded_stats(loaded)
-        log.info("continuing after round %d from %s", start_round, path)
-    stats_record = stats_to_record(stats, list(stats))
-    arrays = weights_to_record(loaded.policy)  # the float32 global model; sent in run.weights_dtype
-    strategy = make_strategy(run)
-    evaluated = not features_the_simulator_lacks(loaded)
-    if not evaluated:
-        log.info("the PushT simulator cannot run %s policies: global models are not evaluated", run.preset)
-    if start_round == 0:
-        directory.save_model(0, loaded, {})
-    else:
-        restore_strategy_state(strategy, directory.strategy_state(start_round))
-        directory.forget_rounds_after(start_round)
-
-    for server_round in range(start_round + 1, run.num_server_rounds + 1):
-        started = time.monotonic()
-        first = server_round == start_round + 1
-        fit_to_live_nodes(strategy, run, wait_for_nodes(grid, run.min_nodes if first else 1))
-        messages = for_transfer(strategy.configure_train(server_round, arrays, ConfigRecord(), grid), run, stats_record)
-        sent = sum(m.content["arrays"].count_bytes() for m in messages)
-        log.info("round %d: training on %d robots", server_round, len(messages))
-        exchange_started = time.monotonic()
-        good, failed = exchange(grid, messages, run, f"round {server_round} training", directory)
-        exchange_seconds, phases = time.monotonic() - exchange_started, round_phases(good)
-        received = sum(r.content["arrays"].count_bytes() for r in good)
-        usable = trained_weights(good, arrays)
-        good, failed = usable, failed + len(good) - len(usable)
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, good)
-        if new_arrays is None:
-            log.warning("round %d: no usable replies; the global model is unchanged", server_round)
-        else:
-            arrays = new_arrays
-            load_weights(loaded.policy, arrays)
-        row = {
-            "round": server_round,
-            "robots": len(good),
-            "failed": failed,
-            "train-loss": train_metrics.get("train-loss") if train_metrics else None,
-            "bytes-sent": sent,
-            "bytes-received": received,
-            "train-round-seconds": exchange_seconds,
-            **phases,
-        }
-        if evaluated and (server_round % run.eval_every == 0 or server_round == run.num_server_rounds):
-            row.update(evaluate_round(grid, run, strategy, server_round, arrays, stats_record, loaded, directory))
-        row["seconds"] = time.monotonic() - started
-        if server_round % run.save_every == 0 or server_round == run.num_server_rounds:
-            directory.save_model(
-                server_round, loaded, {k: v for k, v in row.items() if k != "round"}, strategy_state(strategy)
-            )
-        directory.append_metrics(row)
-        log.info("round %d: %s", server_round, row)
-
-    deploy(grid, run, directory, arrays, stats_record)
-    directory.write_state(run, finished=True)
-    log.info("run finished: %s", directory.root)
+    sent = sum(m.content["arrays"].count_bytes() for m in messages)
+    log.info("round %d: training on %d robots", server_round, len(messages))
+    exchange_started = time.monotonic()
+    replies, failed = exchange(grid, messages, run, f"round {server_round} training", state.directory)
+    exchange_seconds, phases = time.monotonic() - exchange_started, round_phases(replies)
+    received = sum(r.content["arrays"].count_bytes() for r in replies)  # the updates, as they travelled
+    usable = trained_weights(replies, state.arrays)
+    failed += len(replies) - len(usable)
+    train_metrics = aggregate(state, server_round, usable)
+    return {
+        "round": server_round,
+        "robots": len(usable),
+        "failed": failed,
+        "train-loss": train_metrics.get("train-loss") if train_metrics else None,
+        "bytes-sent": sent,
+        "bytes-received": received,
+        "train-round-seconds": exchange_seconds,
+        **phases,
+    }
 
 
 def round_phases(replies: list[Message]) -> dict:
@@ -243,23 +229,48 @@ def round_phases(replies: list[Message]) -> dict:
     return phases
 
 
-def evaluate_round(
-    grid, run, strategy, server_round, arrays, stats_record, loaded: LoadedPolicy, directory: RunDirectory
-) -> dict:
+def trained_weights(replies: list[Message], arrays: ArrayRecord) -> list[Message]:
+    """Replies with each robot's update turned into its float32 weights (global + update), which
+    is what the strategies aggregate; a reply whose update does not fit the model is dropped."""
+    usable = []
+    for reply in replies:
+        try:
+            reply.content["arrays"] = apply_update(arrays, reply.content["arrays"])
+        except ValueError as error:
+            log.warning("a robot's update was dropped (node %s): %s", reply.metadata.src_node_id, error)
+            continue
+        usable.append(reply)
+    return usable
+
+
+def aggregate(state: RunState, server_round: int, replies: list[Message]) -> MetricRecord | None:
+    """The strategy's aggregate of the robots' weights becomes the global model (unchanged when no
+    reply was usable); returns the aggregated training metrics."""
+    arrays, train_metrics = state.strategy.aggregate_train(server_round, replies)
+    if arrays is None:
+        log.warning("round %d: no usable replies; the global model is unchanged", server_round)
+    else:
+        state.arrays = arrays
+        load_weights(state.loaded.policy, arrays)
+    return train_metrics
+
+
+def evaluate_round(grid: Grid, state: RunState, server_round: int) -> dict:
     """Server-side evaluation in the sim on held-out seeds, then the robots' own evaluation."""
+    run, strategy = state.run, state.strategy
     report = evaluate(
-        loaded,
+        state.loaded,
         run.eval_episodes,
-        directory.root / "evaluate" / f"round_{server_round}" / "server",
+        state.directory.root / "evaluate" / f"round_{server_round}" / "server",
         videos=1,
         policy_name=f"global round {server_round}",
     )
     result = {"server-success-rate": report.success_rate, "server-mean-max-coverage": report.mean_max_coverage}
     fit_to_live_nodes(strategy, run, wait_for_nodes(grid, 1))
-    messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
+    messages = strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(), grid)
     if messages:
-        messages = for_transfer(messages, run, stats_record)
-        replies, _ = exchange(grid, messages, run, f"round {server_round} evaluation", directory)
+        messages = for_transfer(messages, run, state.stats_record)
+        replies, _ = exchange(grid, messages, run, f"round {server_round} evaluation", state.directory)
         metrics = strategy.aggregate_evaluate(server_round, replies)
         if metrics:
             result["client-success-rate"] = metrics.get("success-rate")
@@ -267,41 +278,35 @@ def evaluate_round(
     return result
 
 
-def deploy(grid: Grid, run: RunConfig, directory: RunDirectory, arrays, stats_record) -> None:
+def record(state: RunState, row: dict, started: float) -> None:
+    """Complete the round's metrics row with its duration since `started`, save the global model when
+    due (the row, less its round, in the manifest; the strategy's state beside it), append the row."""
+    server_round = row["round"]
+    row["seconds"] = time.monotonic() - started
+    if state.due(server_round, state.run.save_every):
+        metrics = {k: v for k, v in row.items() if k != "round"}
+        state.directory.save_model(server_round, state.loaded, metrics, strategy_state(state.strategy))
+    state.directory.append_metrics(row)
+    log.info("round %d: %s", server_round, row)
+
+
+# -- the end ------------------------------------------------------------------------------------
+
+
+def deploy(grid: Grid, state: RunState) -> None:
     """Send the final global model with its manifest to every robot's model inbox."""
-    final_round, path = directory.latest_model()
+    final_round, path = state.directory.latest_model()
     manifest = json.loads((path / "manifest.json").read_text())
-    nodes = list(grid.get_node_ids())
     content = RecordDict(
-        {"arrays": arrays, "stats": stats_record, "manifest": ConfigRecord({"json": json.dumps(manifest)})}
+        {"arrays": state.arrays, "stats": state.stats_record, "manifest": ConfigRecord({"json": json.dumps(manifest)})}
     )
-    messages = [Message(content, dst_node_id=node, message_type="query.deploy") for node in nodes]
-    replies, _ = exchange(grid, messages, run, "deploy", directory)
+    messages = messages_to(list(grid.get_node_ids()), content, "query.deploy")
+    replies, _ = exchange(grid, messages, state.run, "deploy", state.directory)
     for reply in replies:
         log.info("deployed round %d to %s", final_round, reply.content["deployed"]["robot"])
 
 
-def strategy_state(strategy) -> dict:
-    """Server-optimizer state that a resumed run needs (FedAdam's moments); empty for FedAvg/FedProx."""
-    state = {}
-    for name in ("m_t", "v_t"):
-        for key, value in (getattr(strategy, name, None) or {}).items():
-            state[f"{name}/{key}"] = value
-    return state
-
-
-def restore_strategy_state(strategy, state: dict) -> None:
-    for name in ("m_t", "v_t"):
-        moments = {key.split("/", 1)[1]: value for key, value in state.items() if key.startswith(f"{name}/")}
-        if moments:
-            setattr(strategy, name, moments)
-            log.info("restored %s of %s (%d arrays)", name, type(strategy).__name__, len(moments))
-
-
-def loaded_stats(loaded: LoadedPolicy) -> dict:
-    """The normalization statistics a saved global model carries in its preprocessor."""
-    step = next(s for s in loaded.preprocessor.steps if getattr(s, "stats", None))
-    return {
-        key: {name: value.cpu().numpy() if hasattr(value, "cpu") else value for name, value in stats.items()}
-        for key, stats in step.stats.items()
-    }
+def finish(state: RunState) -> None:
+    """Mark the run finished: a restarted coordinator starts a new run rather than resuming this one."""
+    state.directory.write_state(state.run, finished=True)
+    log.info("run finished: %s", state.directory.root)
