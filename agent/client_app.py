@@ -88,15 +88,21 @@ def train(msg: Message, context: Context) -> Message:
     dataset = open_dataset(node.dataset_root)
     loaded = global_policy(msg.content, run, dataset.meta.features)
     received = weights_vector(loaded.policy)
-    state = TrainState.create(loaded, run.local_steps, lr=run.lr)
+    server_round = int(config.get("server-round", 1))
+    state = TrainState.create(loaded, run.total_steps, lr=run.lr or None)
     _restore_optimizer(state, _optimizer_file(node, context))
+    state.seek(run.first_step(server_round))  # the run's schedule at this round, even after missed rounds
     frames = InMemoryFrames(dataset, loaded.policy.config)
     penalty = _proximal_term(loaded.policy, float(config.get("proximal-mu", 0.0)))
-    seed = zlib.crc32(f"{run.seed}/{node.name}/{config.get('server-round', 0)}".encode())
+    seed = zlib.crc32(f"{run.seed}/{node.name}/{server_round}".encode())
     torch.manual_seed(seed)  # the diffusion noise; the generator below draws the batches
     started = time.time()
     loss = state.train_steps(
-        frames, run.local_steps, run.batch_size, torch.Generator().manual_seed(seed), penalty=penalty
+        frames,
+        run.local_steps,
+        run.batch_size or get_preset(run.preset).batch_size,
+        torch.Generator().manual_seed(seed),
+        penalty=penalty,
     )
     trained = time.time()
     _save_optimizer(state, _optimizer_file(node, context))
@@ -105,7 +111,7 @@ def train(msg: Message, context: Context) -> Message:
         node.output_dir,
         {
             "run": context.run_id,
-            "round": int(config.get("server-round", 0)),
+            "round": server_round,
             "episodes": dataset.meta.total_episodes,
             "time": time.time(),
         },
@@ -143,9 +149,9 @@ def _optimizer_file(node: NodeSettings, context: Context) -> Path:
 
 
 def _save_optimizer(state: TrainState, path: Path) -> None:
-    """Keep the optimizer and step counter of this run on the robot's disk; earlier runs' go."""
+    """Keep the optimizer state (Adam's moments) of this run on the robot's disk; earlier runs' go."""
     buffer = io.BytesIO()
-    torch.save({"optimizer": state.optimizer.state_dict(), "step": state.step}, buffer)
+    torch.save({"optimizer": state.optimizer.state_dict()}, buffer)
     write_bytes_atomic(path, buffer.getvalue())
     for old in path.parent.glob("run-*.pt"):
         if old != path:
@@ -156,7 +162,6 @@ def _restore_optimizer(state: TrainState, path: Path) -> None:
     if path.is_file():
         saved = torch.load(path, weights_only=True)
         state.optimizer.load_state_dict(saved["optimizer"])
-        state.step = int(saved["step"])
 
 
 @app.evaluate()

@@ -9,6 +9,11 @@ The rounds are driven through the strategy's own configure/aggregate methods (ra
 `strategy.start`, which always begins at round 1) so that a restarted coordinator continues from its
 last saved global model and round. The global model stays float32 here; robots get it in the run's
 `weights-dtype` and answer with updates that are added to it before aggregation (fedbot/transfer.py).
+
+When the preset trains with an EMA of the weights (fedbot/training.py), the strategy's aggregate
+is the model the robots train from and its EMA is the global model that is evaluated, saved and
+deployed: once a round the EMA moves towards the new aggregate by the decay that training with the
+EMA would apply over the round's local steps. The aggregate is saved beside each model for resume.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
@@ -30,7 +36,7 @@ from fedbot.evaluation import evaluate, features_the_simulator_lacks
 from fedbot.policy_io import LoadedPolicy, load_policy
 from fedbot.presets import get_preset
 from fedbot.run_config import RunConfig
-from fedbot.training import policy_from_stats
+from fedbot.training import ema_decay_over, policy_from_stats
 from fedbot.transfer import (
     aggregate_node_stats,
     apply_update,
@@ -38,10 +44,12 @@ from fedbot.transfer import (
     record_to_stats,
     stats_to_record,
     weights_to_record,
+    weights_vector,
 )
 
 log = logging.getLogger("fedbot.coordinator")
 app = ServerApp()
+AGGREGATE = "aggregate"  # saved-state key prefix of the aggregate robots train from (with an EMA)
 
 
 @dataclass
@@ -50,22 +58,24 @@ class RunState:
 
     run: RunConfig
     directory: RunDirectory
-    loaded: LoadedPolicy  # the global model as a policy: evaluated, saved
-    arrays: ArrayRecord  # the same global model as the strategy sees it: float32 weights
+    loaded: LoadedPolicy  # the global model as a policy: evaluated, saved, deployed (with an EMA: the EMA)
+    arrays: ArrayRecord  # the strategy's aggregate, which robots train from: float32 weights
     stats_record: ArrayRecord  # the global normalization statistics, sent with every model
     strategy: Strategy
     evaluated: bool  # whether the simulator can run the policy: rounds are evaluated
 
     @classmethod
-    def of(cls, run: RunConfig, directory: RunDirectory, loaded: LoadedPolicy, stats: dict) -> RunState:
-        evaluated = not features_the_simulator_lacks(loaded)
-        if not evaluated:
+    def of(
+        cls, run: RunConfig, directory: RunDirectory, loaded: LoadedPolicy, stats: dict, arrays: ArrayRecord | None
+    ) -> RunState:
+        evaluated = run.eval_episodes > 0 and not features_the_simulator_lacks(loaded)
+        if run.eval_episodes > 0 and not evaluated:
             log.info("the PushT simulator cannot run %s policies: global models are not evaluated", run.preset)
         return cls(
             run=run,
             directory=directory,
             loaded=loaded,
-            arrays=weights_to_record(loaded.policy),  # the float32 global model; sent in run.weights_dtype
+            arrays=arrays or weights_to_record(loaded.policy),  # float32; sent in run.weights_dtype
             stats_record=stats_to_record(stats, list(stats)),
             strategy=make_strategy(run),
             evaluated=evaluated,
@@ -74,6 +84,35 @@ class RunState:
     def due(self, server_round: int, every: int) -> bool:
         """Whether a step done every `every` rounds (and after the last one) is due this round."""
         return server_round % every == 0 or server_round == self.run.num_server_rounds
+
+    @property
+    def ema_power(self) -> float:
+        return get_preset(self.run.preset).ema_power
+
+    def published(self) -> ArrayRecord:
+        """The global model's weights as robots evaluate and receive it (the EMA when there is one)."""
+        return weights_to_record(self.loaded.policy)
+
+    def follow(self, arrays: ArrayRecord, server_round: int) -> None:
+        """A new aggregate: robots train from it; the global model becomes it or, with an EMA, moves
+        towards it by the decay of this round's local steps."""
+        self.arrays = arrays
+        if self.ema_power <= 0.0:
+            load_weights(self.loaded.policy, arrays)
+            return
+        keep = ema_decay_over(self.run.first_step(server_round), self.run.local_steps, self.ema_power)
+        (key, aggregate), current = *arrays.items(), weights_vector(self.loaded.policy).numpy()
+        moved = keep * current + (1.0 - keep) * aggregate.numpy()
+        load_weights(self.loaded.policy, ArrayRecord({key: Array(moved.astype(np.float32))}))
+
+    def saved_state(self) -> dict:
+        """What a resumed run needs besides the global model: the strategy's state and, with an EMA,
+        the aggregate robots train from."""
+        state = strategy_state(self.strategy)
+        if self.ema_power > 0.0:
+            ((key, aggregate),) = self.arrays.items()
+            state[f"{AGGREGATE}/{key}"] = aggregate.numpy()
+        return state
 
 
 @app.main()
@@ -113,14 +152,16 @@ def start_or_resume(grid: Grid, run: RunConfig, directory: RunDirectory) -> tupl
     if resumed is None:
         stats, features = federated_stats(grid, run, directory)
         torch.manual_seed(run.seed)  # the initial global weights
-        state = RunState.of(run, directory, policy_from_stats(get_preset(run.preset), features, stats), stats)
+        state = RunState.of(run, directory, policy_from_stats(get_preset(run.preset), features, stats), stats, None)
         directory.save_model(0, state.loaded, {})
         return state, 0
     last_round, path = resumed
     loaded = load_policy(path)
     log.info("continuing after round %d from %s", last_round, path)
-    state = RunState.of(run, directory, loaded, loaded_stats(loaded))
-    restore_strategy_state(state.strategy, directory.strategy_state(last_round))
+    saved = directory.strategy_state(last_round)
+    aggregate = {key.split("/", 1)[1]: Array(value) for key, value in saved.items() if key.startswith(f"{AGGREGATE}/")}
+    state = RunState.of(run, directory, loaded, loaded_stats(loaded), ArrayRecord(aggregate) if aggregate else None)
+    restore_strategy_state(state.strategy, saved)
     directory.forget_rounds_after(last_round)
     return state, last_round
 
@@ -161,7 +202,7 @@ def make_strategy(run: RunConfig) -> Strategy:
     if run.strategy == "fedprox":
         return FedProx(**common, proximal_mu=run.proximal_mu)
     if run.strategy == "fedadam":
-        return FedAdam(**common, eta=run.server_lr, eta_l=run.lr)
+        return FedAdam(**common, eta=run.server_lr, eta_l=run.lr or get_preset(run.preset).config["optimizer_lr"])
     return FedAvg(**common)
 
 
@@ -250,8 +291,7 @@ def aggregate(state: RunState, server_round: int, replies: list[Message]) -> Met
     if arrays is None:
         log.warning("round %d: no usable replies; the global model is unchanged", server_round)
     else:
-        state.arrays = arrays
-        load_weights(state.loaded.policy, arrays)
+        state.follow(arrays, server_round)
     return train_metrics
 
 
@@ -267,7 +307,7 @@ def evaluate_round(grid: Grid, state: RunState, server_round: int) -> dict:
     )
     result = {"server-success-rate": report.success_rate, "server-mean-max-coverage": report.mean_max_coverage}
     fit_to_live_nodes(strategy, run, wait_for_nodes(grid, 1))
-    messages = strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(), grid)
+    messages = strategy.configure_evaluate(server_round, state.published(), ConfigRecord(), grid)
     if messages:
         messages = for_transfer(messages, run, state.stats_record)
         replies, _ = exchange(grid, messages, run, f"round {server_round} evaluation", state.directory)
@@ -285,7 +325,7 @@ def record(state: RunState, row: dict, started: float) -> None:
     row["seconds"] = time.monotonic() - started
     if state.due(server_round, state.run.save_every):
         metrics = {k: v for k, v in row.items() if k != "round"}
-        state.directory.save_model(server_round, state.loaded, metrics, strategy_state(state.strategy))
+        state.directory.save_model(server_round, state.loaded, metrics, state.saved_state())
     state.directory.append_metrics(row)
     log.info("round %d: %s", server_round, row)
 
@@ -298,7 +338,11 @@ def deploy(grid: Grid, state: RunState) -> None:
     final_round, path = state.directory.latest_model()
     manifest = json.loads((path / "manifest.json").read_text())
     content = RecordDict(
-        {"arrays": state.arrays, "stats": state.stats_record, "manifest": ConfigRecord({"json": json.dumps(manifest)})}
+        {
+            "arrays": state.published(),
+            "stats": state.stats_record,
+            "manifest": ConfigRecord({"json": json.dumps(manifest)}),
+        }
     )
     messages = messages_to(list(grid.get_node_ids()), content, "query.deploy")
     replies, _ = exchange(grid, messages, state.run, "deploy", state.directory)

@@ -21,8 +21,8 @@ class RunConfig:
     fraction_evaluate: float = 1.0
     min_nodes: int = 2
     local_steps: int = 100
-    batch_size: int = 64
-    lr: float = 1e-4
+    batch_size: int = 0  # 0: the preset's
+    lr: float = 0.0  # peak of the preset's warmup + cosine schedule, which spans the run's rounds; 0: the preset's
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
     server_lr: float = 0.01
@@ -35,6 +35,15 @@ class RunConfig:
     seed: int = 0
     round_timeout: float = 600.0
     sim_data_dir: str = "data/fleet"
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps each robot takes over the whole run: what its learning-rate schedule spans."""
+        return self.num_server_rounds * self.local_steps
+
+    def first_step(self, server_round: int) -> int:
+        """Each robot's step count when round `server_round` (from 1) starts."""
+        return (server_round - 1) * self.local_steps
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> RunConfig:
@@ -53,9 +62,12 @@ class RunConfig:
             raise bad("preset", f"must be one of {sorted(PRESETS)}, got {self.preset!r}")
         if self.weights_dtype not in WEIGHT_DTYPES:
             raise bad("weights-dtype", f"must be one of {sorted(WEIGHT_DTYPES)}, got {self.weights_dtype!r}")
-        for key in ("num-server-rounds", "min-nodes", "local-steps", "batch-size", "eval-every", "save-every"):
+        for key in ("num-server-rounds", "min-nodes", "local-steps", "eval-every", "save-every"):
             if getattr(self, key.replace("-", "_")) < 1:
                 raise bad(key, "must be >= 1")
+        for key in ("batch-size", "lr", "eval-episodes"):
+            if getattr(self, key.replace("-", "_")) < 0:
+                raise bad(key, "must be >= 0")
         for key in ("fraction-train", "fraction-evaluate"):
             if not 0.0 <= getattr(self, key.replace("-", "_")) <= 1.0:
                 raise bad(key, "must lie in [0, 1]")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from contextlib import contextmanager
@@ -210,7 +211,19 @@ def new_ema(policy: torch.nn.Module, power: float) -> EMAModel | None:
     """diffusers' EMA with the Diffusion Policy paper's warmup form; None when `power` is 0."""
     if power <= 0.0:
         return None
-    return EMAModel(policy.parameters(), decay=EMA_MAX_DECAY, use_ema_warmup=True, inv_gamma=1.0, power=power)
+    return _ema(policy.parameters(), power)
+
+
+def ema_decay_over(first_step: int, steps: int, power: float) -> float:
+    """How much of its old value an EMA keeps over optimizer steps first_step+1 .. first_step+steps:
+    the product of the per-step decays. A federated run moves its global model's EMA once a round
+    by this factor (coordinator/server_app.py), as training with the EMA would over those steps."""
+    schedule = _ema([], power)
+    return math.prod(schedule.get_decay(step) for step in range(first_step + 1, first_step + steps + 1))
+
+
+def _ema(parameters, power: float) -> EMAModel:
+    return EMAModel(parameters, decay=EMA_MAX_DECAY, use_ema_warmup=True, inv_gamma=1.0, power=power)
 
 
 def new_policy(preset: Preset, dataset: LeRobotDataset, device: str | None = None) -> LoadedPolicy:
