@@ -34,6 +34,7 @@ from fedbot.run_config import RunConfig
 from fedbot.training import InMemoryFrames, TrainState, open_dataset, policy_from_stats
 from fedbot.transfer import (
     load_weights,
+    record_to_files,
     record_to_stats,
     stats_to_record,
     update_to_record,
@@ -184,9 +185,9 @@ def evaluate_global(msg: Message, context: Context) -> Message:
 
 @app.query("deploy")
 def deploy(msg: Message, context: Context) -> Message:
-    """Write the final global model with its manifest into this robot's model inbox, atomically."""
+    """Write the published model's files (signed by the coordinator) into this robot's model inbox,
+    as they are; the agent verifies them before anything goes live."""
     run, node = _settings(context)
-    loaded = global_policy(msg.content, run, _metadata(node).features)
-    manifest = json.loads(msg.content["manifest"]["json"])
-    path = write_to_inbox(node.model_inbox, loaded, manifest)
+    files = record_to_files(msg.content["files"])
+    path = write_to_inbox(node.model_inbox, int(msg.content["config"]["round"]), files)
     return Message(RecordDict({"deployed": ConfigRecord({"path": str(path), "robot": node.name})}), reply_to=msg)

@@ -1,32 +1,41 @@
-"""The robot's model inbox: where deployed global models land, complete or not at all."""
+"""The robot's model inbox: where deployed models land, complete or not at all.
+
+The ClientApp's deploy handler writes the files it received here byte for byte, under a hidden
+name, fsynced, then renamed into place. It parses none of them: whether the model is trusted
+(signature, hashes) and fits the robot is decided by the agent before the model goes live.
+"""
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
+import re
 import shutil
 from pathlib import Path
 
 from fedbot.atomic_files import publish_dir
-from fedbot.model_manifest import MANIFEST, WEIGHTS, sha256_file
-from fedbot.policy_io import LoadedPolicy, save_policy
+from fedbot.model_manifest import MANIFEST, MAX_FILES
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")  # no paths, no hidden files
 
 
-def write_to_inbox(inbox: Path, loaded: LoadedPolicy, manifest: dict) -> Path:
-    """Save the policy and its manifest as `<inbox>/<name>/`: written in a hidden directory,
-    checked against the manifest's sha256, fsynced, then renamed into place."""
+def write_to_inbox(inbox: Path, server_round: int, files: dict[str, bytes]) -> Path:
+    """Write a delivered model's files as `<inbox>/round_<N>-<manifest digest>/`, atomically. Refuses
+    file names that are not plain names (a path, a hidden file) before anything is written."""
+    bad = [name for name in files if not SAFE_NAME.fullmatch(name) or ".." in name]
+    if bad or not 0 < len(files) <= MAX_FILES or MANIFEST not in files:
+        raise ValueError(
+            f"a delivered model must be up to {MAX_FILES} plain file names with {MANIFEST}; got {bad or len(files)}"
+        )
     inbox.mkdir(parents=True, exist_ok=True)
-    name = f"round_{manifest['round']:04d}-{manifest['sha256'][:12]}"
+    name = f"round_{int(server_round):04d}-{hashlib.sha256(files[MANIFEST]).hexdigest()[:12]}"
     final = inbox / name
     if final.exists():
         return final
     tmp = inbox / f".incoming-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_policy(tmp, loaded)
-    digest = sha256_file(tmp / WEIGHTS)
-    if digest != manifest["sha256"]:
-        shutil.rmtree(tmp)
-        raise ValueError(f"weights written for {name} hash to {digest}, manifest says {manifest['sha256']}")
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    tmp.mkdir()
+    for file_name, data in files.items():
+        (tmp / file_name).write_bytes(data)
     publish_dir(tmp, final)
     return final

@@ -159,7 +159,7 @@ def run_federation(work: Path, datasets: list[Path], run_config: str) -> list[di
                 os.killpg(process.pid, 15)
             except ProcessLookupError:
                 pass
-    (run_dir,) = (work / "outputs").iterdir()
+    (run_dir,) = [path for path in (work / "outputs").iterdir() if path.is_dir()]  # beside it: the signing key
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 

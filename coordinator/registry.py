@@ -1,8 +1,11 @@
 """The coordinator's run directory: versioned global models with manifests, metrics, resume state.
 
     <output-dir>/<date_time>/
-        global_model/round_N/       lerobot checkpoint + manifest.json (round, sha256, metrics, parent, time)
-                                    [+ strategy_state.safetensors: a server optimizer's state, FedAdam]
+        global_model/round_N/       a saved policy + manifest.json (every file's sha256, round, metrics,
+                                    parent, time) + manifest.sig (the coordinator's Ed25519 signature)
+        server_state/round_N.safetensors
+                                    what a resumed run needs besides the model (FedAdam's moments; the
+                                    aggregate robots train from, with an EMA); never leaves the server
         evaluate/round_N/server/    rollouts of the server-side evaluation
         registry.json               every saved model; which is the best and which the latest
         metrics.jsonl, metrics.png  one line per round; curves refreshed each round
@@ -17,15 +20,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.numpy import load_file, save_file
 
-from fedbot.atomic_files import write_json_atomic
-from fedbot.model_manifest import MANIFEST, WEIGHTS, sha256_file
+from fedbot.atomic_files import publish_dir, write_json_atomic
+from fedbot.model_manifest import MANIFEST, generate_key, load_private_key, sign_model_dir
 from fedbot.policy_io import LoadedPolicy, save_policy
 from fedbot.run_config import RunConfig
 
@@ -33,27 +38,30 @@ log = logging.getLogger("fedbot.coordinator.registry")
 
 # Settings that must be equal for a restarted coordinator to continue a run rather than start anew.
 RESUME_KEYS = ("preset", "strategy", "weights_dtype")
-STRATEGY_STATE = "strategy_state.safetensors"
 
 
 class RunDirectory:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, signing_key: Ed25519PrivateKey):
         self.root = root
+        self.signing_key = signing_key
         self.models = root / "global_model"
+        self.server_state = root / "server_state"
         self.models.mkdir(parents=True, exist_ok=True)
+        self.server_state.mkdir(exist_ok=True)
 
     # -- resume -----------------------------------------------------------------------------
     @classmethod
     def open(cls, run: RunConfig) -> RunDirectory:
         """The latest unfinished run in the output dir with the same settings, or a new run."""
         output = Path(run.output_dir)
+        key = signing_key(run)
         for candidate in sorted(output.glob("*/state.json"), reverse=True):
             state = json.loads(candidate.read_text())
             same = all(state["config"].get(k) == getattr(run, k) for k in RESUME_KEYS)
             if not state["finished"] and same:
                 log.info("resuming the unfinished run in %s", candidate.parent)
-                return cls(candidate.parent)
-        directory = cls(output / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+                return cls(candidate.parent, key)
+        directory = cls(output / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"), key)
         directory.write_state(run, finished=False)
         return directory
 
@@ -77,23 +85,28 @@ class RunDirectory:
         metrics: dict,
         strategy_state: dict[str, np.ndarray] | None = None,
     ) -> dict:
-        """Save the global model of a round with its manifest and update the registry."""
+        """Save the global model of a round, signed, with the server's state beside it, and update the
+        registry. A model directory already there (saved just before a crash) is kept as it is."""
         registry = self.registry
         directory = self.models / f"round_{server_round}"
-        if not directory.exists():
-            save_policy(directory, loaded)
         if strategy_state:
-            tmp = directory / f".{STRATEGY_STATE}.tmp-{os.getpid()}"
+            tmp = self.server_state / f".round_{server_round}.tmp-{os.getpid()}"
             save_file(strategy_state, str(tmp))
-            os.replace(tmp, directory / STRATEGY_STATE)
-        manifest = {
+            os.replace(tmp, self.server_state / f"round_{server_round}.safetensors")
+        fields = {
             "round": server_round,
-            "sha256": sha256_file(directory / WEIGHTS),
             "metrics": metrics,
             "parent": registry["latest"],
             "created": datetime.now().isoformat(timespec="seconds"),
         }
-        write_json_atomic(directory / MANIFEST, manifest)
+        if directory.exists():
+            manifest = json.loads((directory / MANIFEST).read_text())
+        else:
+            staging = self.models / f".round_{server_round}.tmp-{os.getpid()}"
+            shutil.rmtree(staging, ignore_errors=True)
+            save_policy(staging, loaded)
+            manifest = sign_model_dir(staging, self.signing_key, fields)
+            publish_dir(staging, directory)
         registry["models"] = [m for m in registry["models"] if m["round"] != server_round] + [manifest]
         registry["latest"] = server_round
         registry["best"] = max(registry["models"], key=_score)["round"]
@@ -101,7 +114,7 @@ class RunDirectory:
         return manifest
 
     def strategy_state(self, server_round: int) -> dict[str, np.ndarray]:
-        path = self.models / f"round_{server_round}" / STRATEGY_STATE
+        path = self.server_state / f"round_{server_round}.safetensors"
         return load_file(str(path)) if path.exists() else {}
 
     # -- metrics ----------------------------------------------------------------------------
@@ -157,3 +170,12 @@ def _score(manifest: dict) -> tuple:
         metrics.get("server-mean-max-coverage") or 0.0,
         manifest["round"],
     )
+
+
+def signing_key(run: RunConfig) -> Ed25519PrivateKey:
+    """The coordinator's key that signs every published model: run-config signing-key, or one kept
+    in the output dir (created on first use). Robots trust its public half (`<key>.pub`)."""
+    path = Path(run.signing_key) if run.signing_key else Path(run.output_dir) / "signing.key"
+    public = generate_key(path, "fedbot-coordinator")
+    log.info("models are signed with %s (robots trust: %s)", path, public)
+    return load_private_key(path)

@@ -40,6 +40,7 @@ from fedbot.training import ema_decay_over, policy_from_stats
 from fedbot.transfer import (
     aggregate_node_stats,
     apply_update,
+    files_to_record,
     load_weights,
     record_to_stats,
     stats_to_record,
@@ -334,16 +335,9 @@ def record(state: RunState, row: dict, started: float) -> None:
 
 
 def deploy(grid: Grid, state: RunState) -> None:
-    """Send the final global model with its manifest to every robot's model inbox."""
+    """Send the final global model, its files as signed, to every robot's model inbox."""
     final_round, path = state.directory.latest_model()
-    manifest = json.loads((path / "manifest.json").read_text())
-    content = RecordDict(
-        {
-            "arrays": state.published(),
-            "stats": state.stats_record,
-            "manifest": ConfigRecord({"json": json.dumps(manifest)}),
-        }
-    )
+    content = RecordDict({"files": files_to_record(path), "config": ConfigRecord({"round": final_round})})
     messages = messages_to(list(grid.get_node_ids()), content, "query.deploy")
     replies, _ = exchange(grid, messages, state.run, "deploy", state.directory)
     for reply in replies:

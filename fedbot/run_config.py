@@ -35,6 +35,7 @@ class RunConfig:
     seed: int = 0
     round_timeout: float = 600.0
     sim_data_dir: str = "data/fleet"
+    signing_key: str = ""  # the coordinator's Ed25519 key for published models; "": <output-dir>/signing.key
 
     @property
     def total_steps(self) -> int:

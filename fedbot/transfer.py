@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -144,6 +145,22 @@ def record_to_stats(record: ArrayRecord) -> dict[str, dict[str, np.ndarray]]:
 def aggregate_node_stats(per_node: list[dict[str, dict[str, np.ndarray]]]) -> dict[str, dict[str, np.ndarray]]:
     """Global statistics from the nodes' summaries, with lerobot's own aggregation."""
     return aggregate_stats(per_node)
+
+
+def files_to_record(directory: Path) -> ArrayRecord:
+    """A published model directory's files, byte for byte, as arrays of uint8 (the signed manifest
+    covers exactly these bytes, so nothing is re-serialized on the way)."""
+    return ArrayRecord(
+        {
+            path.name: Array(np.frombuffer(path.read_bytes(), dtype=np.uint8))
+            for path in sorted(Path(directory).iterdir())
+            if path.is_file()
+        }
+    )
+
+
+def record_to_files(record: ArrayRecord) -> dict[str, bytes]:
+    return {name: array.numpy().astype(np.uint8, copy=False).tobytes() for name, array in record.items()}
 
 
 def describe_content(content) -> dict:

@@ -51,7 +51,7 @@ def run_on_two_virtual_robots(env: dict, fleet: Path, out: Path, run: RunConfig)
         timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (run_dir,) = out.iterdir()
+    (run_dir,) = [path for path in out.iterdir() if path.is_dir()]  # beside it: the signing key
     return run_dir
 
 
