@@ -76,9 +76,11 @@ def ensure_ca(out: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
 
 
 def make_server_certificate(out: Path, hosts: list[str]) -> Path:
-    """A SuperLink certificate for `hosts` (names or IPs robots dial), signed by the CA."""
+    """A SuperLink certificate for `hosts` (names or IPs robots dial) and 127.0.0.1 (where the
+    SuperLink itself listens behind the fleet gateway), signed by the CA."""
     if not hosts:
         raise ValueError("the SuperLink certificate needs at least one host name or IP address")
+    hosts = [*hosts, *(local for local in ("127.0.0.1", "localhost") if local not in hosts)]
     ca_cert, ca_key = ensure_ca(out)
     key = ec.generate_private_key(ec.SECP384R1())
     cert = _certificate(hosts[0], key.public_key(), ca_cert.subject, ca_key, ca=False, hosts=hosts)

@@ -5,8 +5,11 @@ SuperNode authentication), keeps its state in a database under the coordinator's
 (runs, registered robots), and stops it with the coordinator: the child gets SIGTERM if the
 coordinator dies (PR_SET_PDEATHSIG), so a killed coordinator leaves no SuperLink behind.
 
-`flwr` commands reach it through a connection named `fedbot` in a FLWR_HOME of its own, so the
-operator's `~/.flwr` is never touched: `FLWR_HOME=<state-dir>/flwr-home flwr ls fedbot`.
+The SuperLink itself listens on 127.0.0.1 (a port chosen at each start); robots reach it through
+the fleet gateway on the public `host:port`, which forwards Flower's Fleet API only
+(coordinator/fleet_gateway.py). `flwr` commands reach the SuperLink through a connection named
+`fedbot` in a FLWR_HOME of its own, so the operator's `~/.flwr` is never touched:
+`FLWR_HOME=<state-dir>/flwr-home flwr ls fedbot` on the coordinator's host.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.credentials import CA_CERT, SERVER_CERT, SERVER_KEY
-from fedbot.flower_processes import BIN, flower_environment
+from coordinator.fleet_gateway import FleetGateway
+from fedbot.flower_processes import BIN, flower_environment, free_port
 from fedbot.process_group import start_group, stop_group
 
 log = logging.getLogger("fedbot.coordinator")
@@ -35,7 +39,7 @@ class SuperLinkSettings:
     """Where the SuperLink listens, where it keeps its state, and how it is secured."""
 
     state_dir: Path
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # where robots reach the fleet gateway
     port: int = 9092
     tls_dir: Path | None = None  # holds ca.crt, server.pem, server.key (`fedbot-coordinator credentials`)
     auth: bool = False  # only registered robots may join (needs TLS)
@@ -53,38 +57,43 @@ class SuperLinkSettings:
 
     @property
     def address(self) -> str:
+        """What robots dial (the fleet gateway)."""
         return f"{self.host}:{self.port}"
+
+    def tls_files(self) -> tuple[Path, Path, Path] | None:
+        if self.tls_dir is None:
+            return None
+        tls = self.tls_dir.resolve()
+        return tls / CA_CERT, tls / SERVER_CERT, tls / SERVER_KEY
 
     @property
     def flwr_home(self) -> Path:
         return self.state_dir / "flwr-home"
 
-    def command(self) -> list[str]:
+    def command(self, superlink_port: int) -> list[str]:
         command = [
             str(BIN / "flower-superlink"),
             "--host",
-            self.host,
+            "127.0.0.1",
             "--port",
-            str(self.port),
+            str(superlink_port),
             "--database",
             str(self.state_dir / "superlink.db"),
             "--disable-runtime-dependency-installation",
         ]  # the venv is the runtime; no downloads
         if self.tls_dir is None:
             return command + ["--insecure"]
-        tls = self.tls_dir.resolve()
-        command += [
-            "--ssl-ca-certfile",
-            str(tls / CA_CERT),
-            "--ssl-certfile",
-            str(tls / SERVER_CERT),
-            "--ssl-keyfile",
-            str(tls / SERVER_KEY),
-        ]
+        ca, cert, key = self.tls_files()
+        command += ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
         return command + (["--enable-supernode-auth"] if self.auth else [])
 
-    def connection_toml(self) -> str:
-        lines = ["[superlink]", f'default = "{CONNECTION}"', f"[superlink.{CONNECTION}]", f'address = "{self.address}"']
+    def connection_toml(self, superlink_port: int) -> str:
+        lines = [
+            "[superlink]",
+            f'default = "{CONNECTION}"',
+            f"[superlink.{CONNECTION}]",
+            f'address = "127.0.0.1:{superlink_port}"',
+        ]
         if self.tls_dir is None:
             lines.append("insecure = true")
         else:
@@ -101,14 +110,21 @@ class SuperLink:
     def __init__(self, settings: SuperLinkSettings):
         self.settings = settings
         self.process: subprocess.Popen | None = None
+        self.gateway: FleetGateway | None = None
+        self.superlink_port = 0
 
     def start(self, ready_timeout: float = 120.0) -> None:
         settings = self.settings
+        self.superlink_port = free_port()
         settings.flwr_home.mkdir(parents=True, exist_ok=True)
-        (settings.flwr_home / "config.toml").write_text(settings.connection_toml())
+        (settings.flwr_home / "config.toml").write_text(settings.connection_toml(self.superlink_port))
         # Its own process group, so that stopping it also reaches the SuperExec and ServerApp it spawns.
-        self.process = start_group(settings.command(), settings.environment(), settings.state_dir / "superlink.log")
+        self.process = start_group(
+            settings.command(self.superlink_port), settings.environment(), settings.state_dir / "superlink.log"
+        )
         self._wait_ready(ready_timeout)
+        self.gateway = FleetGateway(settings.host, settings.port, self.superlink_port, settings.tls_files())
+        self.gateway.start()
         log.info(
             "SuperLink up at %s (%s), pid %d, log %s",
             settings.address,
@@ -126,7 +142,7 @@ class SuperLink:
                     f"flower-superlink exited with {self.process.returncode}; "
                     f"see {self.settings.state_dir / 'superlink.log'}"
                 )
-            if _port_open(self.settings.host, self.settings.port) and self.flwr("ls", check=False).returncode == 0:
+            if _port_open("127.0.0.1", self.superlink_port) and self.flwr("ls", check=False).returncode == 0:
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"SuperLink at {self.settings.address} not ready after {timeout:.0f} s")
@@ -139,7 +155,11 @@ class SuperLink:
         return self.process is not None and self.process.poll() is None
 
     def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM to the SuperLink's process group, SIGKILL after `timeout`, then to any leftover child."""
+        """The gateway closes; SIGTERM to the SuperLink's process group, SIGKILL after `timeout`, then
+        to any leftover child."""
+        if self.gateway is not None:
+            self.gateway.stop()
+            self.gateway = None
         if self.process is not None:
             stop_group(self.process, timeout)
 

@@ -93,8 +93,19 @@ class Lab:
         env = {**os.environ, "FLWR_HOME": str(self.state / "flwr-home"), "PATH": f"{BIN}:{os.environ['PATH']}"}
         return subprocess.run([str(BIN / "flwr"), *args], capture_output=True, text=True, env=env, timeout=120)
 
+    def outsider_flwr(self, tls: Path, *args: str) -> subprocess.CompletedProcess:
+        """`flwr` from another host of the robots' network: it knows the lab's CA and the robots' port."""
+        home = self.tmp / "outsider-flwr"
+        home.mkdir(exist_ok=True)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "lab"\n[superlink.lab]\naddress = "127.0.0.1:{self.port}"\n'
+            f'root-certificates = "{tls / "ca.crt"}"\n'
+        )
+        env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}:{os.environ['PATH']}"}
+        return subprocess.run([str(BIN / "flwr"), *args], capture_output=True, text=True, env=env, timeout=120)
+
     def run_dir(self) -> Path:
-        (run_dir,) = self.outputs.iterdir()
+        (run_dir,) = [path for path in self.outputs.iterdir() if path.is_dir()]  # beside it: the signing key
         return run_dir
 
     def close(self) -> None:
@@ -135,6 +146,14 @@ def test_production_run_survives_a_dead_robot_and_a_dead_coordinator(lab, tmp_pa
     (run,) = json.loads(lab.flwr("ls", "fedbot", "--format", "json").stdout)["runs"]  # while the round waits
     assert run["status"] == "running"
     assert "round 1: training on 3 robots" in lab.flwr("log", run["run-id"], "fedbot", "--show").stdout
+    # From the robots' port, the Control API is not there: no listing, no stopping, no key registration.
+    for attempt in (
+        ("ls", "lab"),
+        ("stop", run["run-id"], "lab"),
+        ("supernode", "register", str(keys["stranger"]), "lab"),
+    ):
+        assert lab.outsider_flwr(tls, *attempt).returncode != 0, attempt
+    assert "refused POST /v1/control/" in coordinator.text()
     coordinator.wait_for(r"round 1: \{", timeout=600)  # Flower declares robot2 dead after ~60 s
     coordinator.kill_group(signal.SIGKILL)  # the coordinator dies; its SuperLink must follow it
     assert "round 1 training: a robot failed" in coordinator.text()
