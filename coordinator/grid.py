@@ -26,15 +26,32 @@ NODE_WAIT_LOG_S = 10.0
 REPLY_POLL_S = 0.25
 
 
-def wait_for_nodes(grid: Grid, count: int) -> list[int]:
-    """Block until `count` robots are connected (robots join when they are idle)."""
-    last_log = 0.0
-    while len(nodes := list(grid.get_node_ids())) < count:
+def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
+    """The connected robots once `count` are (robots join when they are idle), or after `timeout`
+    seconds those there are then; raises NoRobots if none is."""
+    deadline, last_log = time.monotonic() + timeout, 0.0
+    while len(nodes := list(grid.get_node_ids())) < count and time.monotonic() < deadline:
         if time.monotonic() - last_log > NODE_WAIT_LOG_S:
-            log.info("waiting for robots: %d of %d connected", len(nodes), count)
+            log.info(
+                "waiting for robots: %d of %d connected (up to %.0f s more)",
+                len(nodes),
+                count,
+                deadline - time.monotonic(),
+            )
             last_log = time.monotonic()
         time.sleep(1.0)  # polling the SuperLink; Flower's Grid offers no wait
+    if not nodes:
+        raise NoRobots(
+            f"no robot connected within {timeout:.0f} s (robot-wait-seconds); the run stops here "
+            "and continues from its last saved round when the coordinator runs it again"
+        )
+    if len(nodes) < count:
+        log.warning("waited %.0f s (robot-wait-seconds): going on with %d of %d robots", timeout, len(nodes), count)
     return nodes
+
+
+class NoRobots(RuntimeError):
+    """No robot came within the run's robot-wait-seconds."""
 
 
 def fit_to_live_nodes(strategy: Strategy, run: RunConfig, nodes: list[int]) -> None:

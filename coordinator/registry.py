@@ -29,7 +29,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.numpy import load_file, save_file
 
-from fedbot.atomic_files import publish_dir, write_json_atomic
+from fedbot.atomic_files import publish_dir, write_bytes_atomic, write_json_atomic
 from fedbot.model_manifest import MANIFEST, generate_key, load_private_key, sign_model_dir
 from fedbot.policy_io import LoadedPolicy, save_policy
 from fedbot.run_config import RunConfig
@@ -124,12 +124,10 @@ class RunDirectory:
         self.plot()
 
     def forget_rounds_after(self, server_round: int) -> None:
-        """Drop metrics of rounds after the model a resumed run continues from (they are redone)."""
+        """Rewrite metrics.jsonl with the rows up to the model a resumed run continues from (later
+        rounds are redone) and without a line a crash cut short, which the next row would extend."""
         rows = [row for row in self.metrics() if row["round"] <= server_round]
-        if len(rows) < len(self.metrics()):
-            tmp = self.root / f".metrics.jsonl.tmp-{os.getpid()}"
-            tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-            os.replace(tmp, self.root / "metrics.jsonl")
+        write_bytes_atomic(self.root / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows).encode())
 
     def audit(self, what: str, node_id: int, content: dict) -> None:
         """Record what one robot's reply carried (see fedbot.transfer.describe_content)."""
@@ -137,8 +135,15 @@ class RunDirectory:
             f.write(json.dumps({"what": what, "node": node_id, "content": content}) + "\n")
 
     def metrics(self) -> list[dict]:
+        """The rounds' rows; a line a crash cut short (the last one) is left out."""
         path = self.root / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        rows = []
+        for number, line in enumerate(path.read_text().splitlines() if path.exists() else [], 1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("%s line %d is not a whole row (cut short by a crash?); left out", path, number)
+        return rows
 
     def plot(self) -> None:
         import matplotlib

@@ -169,11 +169,11 @@ def start_or_resume(grid: Grid, run: RunConfig, directory: RunDirectory) -> tupl
 
 def federated_stats(grid: Grid, run: RunConfig, directory: RunDirectory) -> tuple[dict, dict]:
     """Ask every robot for its dataset summary and aggregate them: global stats and features."""
-    nodes = wait_for_nodes(grid, run.min_nodes)
+    nodes = wait_for_nodes(grid, run.min_nodes, run.robot_wait_seconds)
     config = RecordDict({"config": ConfigRecord({"preset": run.preset})})
     replies, _ = exchange(grid, messages_to(nodes, config, "query.stats"), run, "statistics", directory)
-    if len(replies) < run.min_nodes:
-        raise RuntimeError(f"only {len(replies)} robots sent statistics; min-nodes is {run.min_nodes}")
+    if not replies:
+        raise RuntimeError("no robot sent its statistics; the run cannot start")
     features = json.loads(replies[0].content["info"]["features"])
     for feature in features.values():
         feature["shape"] = tuple(feature["shape"])
@@ -232,7 +232,7 @@ def train(grid: Grid, state: RunState, server_round: int, min_robots: int) -> di
     transfer dtype, exchange, turn the robots' updates into weights and aggregate them into the new
     global model. Returns the round's metrics row so far."""
     run, strategy = state.run, state.strategy
-    fit_to_live_nodes(strategy, run, wait_for_nodes(grid, min_robots))
+    fit_to_live_nodes(strategy, run, wait_for_nodes(grid, min_robots, run.robot_wait_seconds))
     messages = for_transfer(
         strategy.configure_train(server_round, state.arrays, ConfigRecord(), grid), run, state.stats_record
     )
@@ -307,7 +307,7 @@ def evaluate_round(grid: Grid, state: RunState, server_round: int) -> dict:
         policy_name=f"global round {server_round}",
     )
     result = {"server-success-rate": report.success_rate, "server-mean-max-coverage": report.mean_max_coverage}
-    fit_to_live_nodes(strategy, run, wait_for_nodes(grid, 1))
+    fit_to_live_nodes(strategy, run, wait_for_nodes(grid, 1, run.robot_wait_seconds))
     messages = strategy.configure_evaluate(server_round, state.published(), ConfigRecord(), grid)
     if messages:
         messages = for_transfer(messages, run, state.stats_record)

@@ -34,6 +34,7 @@ class RunConfig:
     weights_dtype: str = "float16"
     seed: int = 0
     round_timeout: float = 600.0
+    robot_wait_seconds: float = 3600.0  # a (re)started run waits this long for min-nodes robots, then goes on
     sim_data_dir: str = "data/fleet"
     signing_key: str = ""  # the coordinator's Ed25519 key for published models; "": <output-dir>/signing.key
 
@@ -69,6 +70,9 @@ class RunConfig:
         for key in ("batch-size", "lr", "eval-episodes"):
             if getattr(self, key.replace("-", "_")) < 0:
                 raise bad(key, "must be >= 0")
+        for key in ("round-timeout", "robot-wait-seconds"):
+            if not 0.0 < getattr(self, key.replace("-", "_")) <= 7 * 24 * 3600:
+                raise bad(key, "must lie in (0, one week]")
         for key in ("fraction-train", "fraction-evaluate"):
             if not 0.0 <= getattr(self, key.replace("-", "_")) <= 1.0:
                 raise bad(key, "must lie in [0, 1]")

@@ -158,13 +158,19 @@ def test_production_run_survives_a_dead_robot_and_a_dead_coordinator(lab, tmp_pa
     coordinator.kill_group(signal.SIGKILL)  # the coordinator dies; its SuperLink must follow it
     assert "round 1 training: a robot failed" in coordinator.text()
 
-    # Restarted by its operator, who knows robot2 is down. Its old SuperLink is gone (else the
-    # new one could not take the port) and leaves nothing behind.
-    restarted = lab.coordinator(*secure, run_config=replace(run_config, min_nodes=2), name="coordinator-restarted")
+    # Killed while it appended a metrics row: a line cut short. Restarted by its operator: it waits
+    # a bounded time for the 3 robots, then goes on with the 2 that are there. Its old SuperLink is
+    # gone (else the new one could not take the port) and leaves nothing behind.
+    with open(lab.run_dir() / "metrics.jsonl", "a") as f:
+        f.write('{"round": 2, "robots": 2, "fai')
+    restarted = lab.coordinator(
+        *secure, run_config=replace(run_config, min_nodes=3, robot_wait_seconds=20.0), name="coordinator-restarted"
+    )
     assert restarted.wait(timeout=900) == 0, restarted.text()[-3000:]
     assert not group_alive(int(up.group(1)))
     log = restarted.text()
     assert "continuing after round 1" in log and "restored m_t of FedAdam" in log
+    assert "going on with 2 of 3 robots" in log and "not a whole row" in log
     run_dir = lab.run_dir()
     rows = metrics(run_dir)
     assert [r["round"] for r in rows] == [1, 2]
@@ -182,3 +188,9 @@ def test_production_run_survives_a_dead_robot_and_a_dead_coordinator(lab, tmp_pa
         if "training" in json.loads(line)["what"]
     ]
     assert len(updates) >= 4 and all(a["dtype"] == "float16" for update in updates for a in update.values())
+
+
+def test_a_run_with_no_robot_stops_after_its_wait_with_the_reason(lab):
+    coordinator = lab.coordinator(run_config=replace(TINY_RUN, robot_wait_seconds=3.0))
+    assert coordinator.wait(timeout=300) != 0
+    assert "no robot connected within 3 s (robot-wait-seconds)" in coordinator.text()
