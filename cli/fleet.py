@@ -14,6 +14,7 @@ into its live controller, and runs policy episodes. Everything goes to one direc
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -216,7 +217,12 @@ def run_fleet(settings: FleetSettings, console: Console) -> dict:
         statuses = fleet.on_each_robot("status")
     finally:
         fleet.close()
-    summary = {"run-dir": str(fleet.run_dir), "federation": str(fleet.run_dir / "federation"), "robots": []}
+    summary = {
+        "run-dir": str(fleet.run_dir),
+        "federation": str(fleet.run_dir / "federation"),
+        "rounds": global_model_per_round(fleet.run_dir / "federation"),
+        "robots": [],
+    }
     for i, (run, status) in enumerate(zip(after, statuses, strict=True)):
         summary["robots"].append(
             {
@@ -232,9 +238,41 @@ def run_fleet(settings: FleetSettings, console: Console) -> dict:
             }
         )
     write_json_atomic(fleet.run_dir / "summary.json", summary)
+    console.print(rounds_table(summary["rounds"], settings.eval_episodes))
     console.print(summary_table(summary))
     console.print(f"outputs: {fleet.run_dir} (summary.json; federation/: global models, metrics.png, videos)")
     return summary
+
+
+def global_model_per_round(federation: Path) -> list[dict]:
+    """The global model after each round, from the run's metrics.jsonl: robots, loss, and success and
+    mean max coverage on the held-out seeds of the server-side evaluation."""
+    (metrics,) = federation.glob("*/metrics.jsonl")
+    keys = {
+        "round": "round",
+        "robots": "robots",
+        "train-loss": "train-loss",
+        "success": "server-success-rate",
+        "coverage": "server-mean-max-coverage",
+    }
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return [{name: row.get(key) for name, key in keys.items()} for row in rows]
+
+
+def rounds_table(rounds: list[dict], eval_episodes: int) -> Table:
+    table = Table(title=f"global model per round ({eval_episodes} held-out scenes each)")
+    for column in ("round", "robots", "train loss", "success", "mean max coverage"):
+        table.add_column(column, justify="right")
+    for row in rounds:
+        evaluated = row["coverage"] is not None
+        table.add_row(
+            str(row["round"]),
+            str(row["robots"]),
+            f"{row['train-loss']:.4f}",
+            f"{row['success']:.0%}" if evaluated else "-",
+            f"{row['coverage']:.3f}" if evaluated else "-",
+        )
+    return table
 
 
 def summary_table(summary: dict) -> Table:
