@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
 from lerobot.utils.constants import ACTION
 
@@ -107,7 +108,10 @@ def train(msg: Message, context: Context) -> Message:
     )
     trained = time.time()
     _save_optimizer(state, _optimizer_file(node, context))
-    arrays = update_to_record(loaded.policy, received, run.weights_dtype)
+    # Differential privacy (run-config dp-noise-multiplier): the coordinator's strategy names the norm
+    # every update is clipped to before it leaves the robot; the coordinator adds the noise.
+    clipping_norm = float(config[KEY_CLIPPING_NORM]) if KEY_CLIPPING_NORM in config else None
+    arrays = update_to_record(loaded.policy, received, run.weights_dtype, clipping_norm)
     note_round(
         node.output_dir,
         {

@@ -63,7 +63,14 @@ def fit_to_live_nodes(strategy: Strategy, run: RunConfig, nodes: list[int]) -> N
     if len(nodes) < run.min_nodes:
         log.warning("continuing with %d of %d robots (min-nodes)", len(nodes), run.min_nodes)
     live = max(1, min(run.min_nodes, len(nodes)))
+    strategy = base_strategy(strategy)
     strategy.min_available_nodes = strategy.min_train_nodes = strategy.min_evaluate_nodes = live
+
+
+def base_strategy(strategy: Strategy) -> Strategy:
+    """The strategy itself, inside a differential-privacy wrapper if there is one (the wrapper
+    delegates node selection and keeps no optimizer state of its own)."""
+    return getattr(strategy, "strategy", strategy)
 
 
 def messages_to(nodes: list[int], content: RecordDict, message_type: str) -> list[Message]:

@@ -28,9 +28,15 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
+    Strategy,
+)
 
-from coordinator.grid import exchange, fit_to_live_nodes, for_transfer, messages_to, wait_for_nodes
+from coordinator.grid import base_strategy, exchange, fit_to_live_nodes, for_transfer, messages_to, wait_for_nodes
 from coordinator.registry import RunDirectory
 from fedbot.evaluation import evaluate, features_the_simulator_lacks
 from fedbot.policy_io import LoadedPolicy, load_policy
@@ -201,15 +207,23 @@ def make_strategy(run: RunConfig) -> Strategy:
         min_available_nodes=run.min_nodes,
     )
     if run.strategy == "fedprox":
-        return FedProx(**common, proximal_mu=run.proximal_mu)
-    if run.strategy == "fedadam":
-        return FedAdam(**common, eta=run.server_lr, eta_l=run.lr or get_preset(run.preset).config["optimizer_lr"])
-    return FedAvg(**common)
+        strategy = FedProx(**common, proximal_mu=run.proximal_mu)
+    elif run.strategy == "fedadam":
+        strategy = FedAdam(**common, eta=run.server_lr, eta_l=run.lr or get_preset(run.preset).config["optimizer_lr"])
+    else:
+        strategy = FedAvg(**common)
+    if run.dp_noise_multiplier <= 0.0:
+        return strategy
+    # Client-side fixed clipping: the wrapper sends the norm with every training message, robots clip
+    # their update to it (agent/client_app.py), and the wrapper adds Gaussian noise to the aggregate.
+    return DifferentialPrivacyClientSideFixedClipping(
+        strategy, run.dp_noise_multiplier, run.dp_clipping_norm, num_sampled_clients=run.min_nodes
+    )
 
 
 def strategy_state(strategy: Strategy) -> dict:
     """Server-optimizer state that a resumed run needs (FedAdam's moments); empty for FedAvg/FedProx."""
-    state = {}
+    state, strategy = {}, base_strategy(strategy)
     for name in ("m_t", "v_t"):
         for key, value in (getattr(strategy, name, None) or {}).items():
             state[f"{name}/{key}"] = value
@@ -217,6 +231,7 @@ def strategy_state(strategy: Strategy) -> dict:
 
 
 def restore_strategy_state(strategy: Strategy, state: dict) -> None:
+    strategy = base_strategy(strategy)
     for name in ("m_t", "v_t"):
         moments = {key.split("/", 1)[1]: value for key, value in state.items() if key.startswith(f"{name}/")}
         if moments:
@@ -242,6 +257,7 @@ def train(grid: Grid, state: RunState, server_round: int, min_robots: int) -> di
     replies, failed = exchange(grid, messages, run, f"round {server_round} training", state.directory)
     exchange_seconds, phases = time.monotonic() - exchange_started, round_phases(replies)
     received = sum(r.content["arrays"].count_bytes() for r in replies)  # the updates, as they travelled
+    per_robot = [robot_row(reply) for reply in replies]
     usable = trained_weights(replies, state.arrays)
     failed += len(replies) - len(usable)
     train_metrics = aggregate(state, server_round, usable)
@@ -254,7 +270,28 @@ def train(grid: Grid, state: RunState, server_round: int, min_robots: int) -> di
         "bytes-received": received,
         "train-round-seconds": exchange_seconds,
         **phases,
+        "per-robot": per_robot,
     }
+
+
+def robot_row(reply: Message) -> dict:
+    """What one robot's training reply says about it: its node, examples, loss, time, and the L2 norm
+    of its update (computed here, in float32, from what it sent). A reply without them says so."""
+    row = {"node": reply.metadata.src_node_id}
+    try:
+        metrics = reply.content["metrics"]
+        ((_, update),) = reply.content["arrays"].items()
+        row.update(
+            {
+                "examples": int(metrics["num-examples"]),
+                "train-loss": float(metrics["train-loss"]),
+                "train-seconds": float(metrics["train-seconds"]),
+                "update-norm": float(np.linalg.norm(update.numpy().astype(np.float32))),
+            }
+        )
+    except (KeyError, ValueError, TypeError) as error:
+        row["malformed"] = f"{type(error).__name__}: {error}"[:200]
+    return row
 
 
 def round_phases(replies: list[Message]) -> dict:

@@ -26,6 +26,8 @@ class RunConfig:
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
     server_lr: float = 0.01
+    dp_noise_multiplier: float = 0.0  # > 0: differential privacy, robots clip their updates, the coordinator adds noise
+    dp_clipping_norm: float = 1.0  # the L2 norm every robot's update is clipped to (with dp-noise-multiplier > 0)
     preset: str = "pusht-state"
     eval_every: int = 1
     eval_episodes: int = 10
@@ -67,9 +69,11 @@ class RunConfig:
         for key in ("num-server-rounds", "min-nodes", "local-steps", "eval-every", "save-every"):
             if getattr(self, key.replace("-", "_")) < 1:
                 raise bad(key, "must be >= 1")
-        for key in ("batch-size", "lr", "eval-episodes"):
+        for key in ("batch-size", "lr", "eval-episodes", "dp-noise-multiplier"):
             if getattr(self, key.replace("-", "_")) < 0:
                 raise bad(key, "must be >= 0")
+        if not 0.0 < self.dp_clipping_norm <= 1e6:
+            raise bad("dp-clipping-norm", "must lie in (0, 1e6]")
         for key in ("round-timeout", "robot-wait-seconds"):
             if not 0.0 < getattr(self, key.replace("-", "_")) <= 7 * 24 * 3600:
                 raise bad(key, "must lie in (0, one week]")

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
+from flwr.supercore.differential_privacy import clip_inputs_inplace
 from lerobot.datasets.compute_stats import aggregate_stats
 from torch.nn.utils import parameters_to_vector
 
@@ -77,10 +78,16 @@ def weights_to_record(module: torch.nn.Module, dtype: str = "float32") -> ArrayR
     return ArrayRecord({weights_key(module): Array(weights_vector(module).numpy().astype(np_dtype))})
 
 
-def update_to_record(module: torch.nn.Module, received: torch.Tensor, dtype: str = "float32") -> ArrayRecord:
-    """The module's change since it held the flat weights `received`, in the transfer dtype."""
-    np_dtype = _numpy_dtype(dtype)
-    return ArrayRecord({update_key(module): Array((weights_vector(module) - received).numpy().astype(np_dtype))})
+def update_to_record(
+    module: torch.nn.Module, received: torch.Tensor, dtype: str = "float32", clipping_norm: float | None = None
+) -> ArrayRecord:
+    """The module's change since it held the flat weights `received`, in the transfer dtype; with
+    `clipping_norm`, first scaled to at most that L2 norm, in float32 (Flower's own flat clipping,
+    as its DP mods apply it; the mods themselves expect full weights, not an update)."""
+    update = (weights_vector(module) - received).numpy()
+    if clipping_norm is not None:
+        clip_inputs_inplace([update], clipping_norm)
+    return ArrayRecord({update_key(module): Array(update.astype(_numpy_dtype(dtype)))})
 
 
 def cast_record(record: ArrayRecord, dtype: str) -> ArrayRecord:

@@ -63,12 +63,25 @@ def test_two_robots_federate_evaluate_and_receive_the_model(tmp_path, superlink)
         superlink,
         fleet,
         out,
-        RunConfig(num_server_rounds=2, local_steps=2, batch_size=8, eval_episodes=1, round_timeout=600.0),
+        # Differential privacy on: every robot clips its update to norm 0.01 (the learning rate makes
+        # the unclipped ones about 50 times larger), the coordinator adds noise to the aggregate.
+        RunConfig(
+            num_server_rounds=2,
+            local_steps=2,
+            batch_size=8,
+            eval_episodes=1,
+            round_timeout=600.0,
+            lr=0.1,
+            dp_noise_multiplier=1e-3,
+            dp_clipping_norm=0.01,
+        ),
     )
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     assert all(r["robots"] == 2 and r["failed"] == 0 and r["train-loss"] > 0 for r in rows)
+    norms = [robot["update-norm"] for r in rows for robot in r["per-robot"]]
+    assert len(norms) == 4 and all(0.0099 < norm < 0.0101 for norm in norms), norms  # clipped, float16 on the way
     assert all(r["bytes-received"] > 0 and 0.0 <= r["server-success-rate"] <= 1.0 for r in rows)
     assert (run_dir / "metrics.png").stat().st_size > 0
     assert list((run_dir / "evaluate" / "round_2" / "server").glob("rollout_*.mp4"))
