@@ -3,17 +3,21 @@ ticks while it runs, holds when the policy fails, and keeps ticking while paused
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from lerobot.utils.constants import OBS_STATE
 
 from agent.controller import HOLD, ControlLoop
 from fedbot.policy_io import load_policy
 from hardware.pusht_sim import PushTSim, PushTSimConfig
 
+MAX_STEPS = 25
+
 
 @pytest.fixture()
 def sim_loop():
-    robot = PushTSim(PushTSimConfig(id="control", max_episode_steps=25))
+    robot = PushTSim(PushTSimConfig(id="control", max_episode_steps=MAX_STEPS))
     robot.connect()
     threads = torch.get_num_threads()
     loop = ControlLoop(robot, rate_hz=50.0)  # sets torch to one thread, as in the agent
@@ -32,7 +36,16 @@ def test_runs_policy_episodes_and_reports_them(sim_loop, untrained_policy):
     assert [r["seed"] for r in run.results] == [100_000, 100_001]
     assert all(r["model"] == "model-a" for r in run.results)
     assert sim_loop.mode == HOLD
-    assert sim_loop.robot._steps == 25  # the second episode ran its 25 actions, then the loop held
+    # An untrained policy succeeds at neither: each episode ran its 25 actions, then the loop held
+    # with the robot where the second episode left it.
+    assert [r["success"] for r in run.results] == [False, False]
+    assert sim_loop.actions == 2 * MAX_STEPS
+    status = sim_loop.robot.episode_status()
+    assert status.done and run.results[-1]["coverage"] == status.coverage
+    position = agent_position(sim_loop)
+    assert sim_loop.wait_ticks(5, timeout=10)
+    assert sim_loop.actions == 2 * MAX_STEPS
+    np.testing.assert_array_equal(agent_position(sim_loop), position)
 
 
 def test_swap_while_running_takes_effect_between_ticks(sim_loop, untrained_policy):
@@ -55,18 +68,48 @@ def test_a_failing_policy_makes_the_loop_hold_and_keep_ticking(sim_loop, untrain
 
     loaded.policy.predict_action_chunk = broken
     sim_loop.swap(loaded, "broken", 0.0).done.wait(30)
-    run = sim_loop.run(episodes=1, seed=100_000)
+    run = sim_loop.run(episodes=1, seed=100_000)  # resets the robot to scene 100000
     assert run.finished.wait(30)
     assert sim_loop.wait_ticks(3, timeout=10)  # the loop goes on ticking (and feeding the watchdog)
     assert sim_loop.mode == HOLD
     assert "device lost" in sim_loop.error
-    assert sim_loop.robot._steps == 0 and sim_loop.healthy()
+    assert sim_loop.healthy()
+    # no action was sent: the agent stands where scene 100000 put it, and no episode was reported
+    assert sim_loop.actions == 0 and run.results == []
+    np.testing.assert_array_equal(agent_position(sim_loop), scene_start(100_000))
 
 
 def test_paused_loop_leaves_the_robot_alone(sim_loop, untrained_policy):
     sim_loop.swap(load_policy(untrained_policy, "cpu"), "model-a", 0.0).done.wait(30)
     sim_loop.run()
+    assert wait_for_actions(sim_loop, 3)  # the policy drives the robot ...
     sim_loop.pause()
-    steps = sim_loop.robot._steps
-    assert sim_loop.wait_ticks(5, timeout=10)
-    assert sim_loop.robot._steps == steps
+    actions, position = sim_loop.actions, agent_position(sim_loop)
+    assert sim_loop.wait_ticks(5, timeout=10)  # ... and, paused, no longer: the agent stays put
+    assert sim_loop.actions == actions
+    np.testing.assert_array_equal(agent_position(sim_loop), position)
+
+
+def agent_position(loop: ControlLoop) -> np.ndarray:
+    return loop.robot.get_observation()[OBS_STATE]
+
+
+def scene_start(seed: int) -> np.ndarray:
+    """Where a fresh sim robot's agent stands in scene `seed`."""
+    robot = PushTSim(PushTSimConfig(id="reference"))
+    robot.connect()
+    try:
+        robot.reset(seed)
+        return robot.get_observation()[OBS_STATE]
+    finally:
+        robot.disconnect()
+
+
+def wait_for_actions(loop: ControlLoop, count: int, ticks: int = 3000) -> bool:
+    """Follow the loop tick by tick until it has sent `count` actions (False after `ticks` ticks)."""
+    for _ in range(ticks):
+        if loop.actions >= count:
+            return True
+        if not loop.wait_ticks(1, timeout=10):
+            return False
+    return loop.actions >= count

@@ -8,6 +8,7 @@ import pytest
 from fedbot.evaluation import evaluate
 from fedbot.policy_io import load_policy
 from fedbot.scenes import EVAL_SEED_START
+from hardware.pusht_sim import PushTSim, PushTSimConfig
 
 
 def test_eval_writes_results_and_videos(untrained_policy, tmp_path):
@@ -17,7 +18,18 @@ def test_eval_writes_results_and_videos(untrained_policy, tmp_path):
     assert [e["seed"] for e in saved["episodes"]] == [EVAL_SEED_START, EVAL_SEED_START + 1]
     assert saved["success_rate"] == sum(e["success"] for e in saved["episodes"]) / 2
     assert saved["mean_max_coverage"] == pytest.approx(sum(e["max_coverage"] for e in saved["episodes"]) / 2)
-    assert all(0.0 <= e["max_coverage"] <= 1.0 for e in saved["episodes"])
+    # each episode counts its starting scene's coverage, ends at its step limit unless it succeeded,
+    # and succeeded exactly when its coverage passed the threshold
+    robot = PushTSim(PushTSimConfig(id="scenes"))
+    robot.connect()
+    try:
+        for episode in saved["episodes"]:
+            robot.reset(episode["seed"])
+            assert robot.episode_status().coverage <= episode["max_coverage"] <= 1.0
+            assert episode["success"] == (episode["max_coverage"] > robot.env.success_threshold)
+            assert episode["success"] or episode["steps"] == robot.config.max_episode_steps
+    finally:
+        robot.disconnect()
     videos = sorted(p.name for p in (tmp_path / "eval").glob("*.mp4"))
     assert videos == [f"rollout_{EVAL_SEED_START}.mp4"]
     with av.open(str(tmp_path / "eval" / videos[0])) as container:

@@ -34,19 +34,79 @@ def test_state_preset_uses_no_image_and_ddim():
     assert config.down_dims == (64, 128, 256)
 
 
+INPUTS = {  # what each preset feeds the policy from its robot's features
+    "pusht-image": ["observation.image", "observation.state"],
+    "pusht-state": ["observation.state", "observation.environment_state"],
+    "so-arm-image": ["observation.state", "observation.images.front", "observation.images.wrist"],
+}
+
+
+def features_for(name: str) -> dict:
+    return ARM_FEATURES if name.startswith("so-arm") else FEATURES
+
+
+def test_every_preset_has_its_inputs_listed_here():
+    assert sorted(INPUTS) == sorted(PRESETS)
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_every_preset_builds_offline(name):
-    features = ARM_FEATURES if name.startswith("so-arm") else FEATURES
-    policy = DiffusionPolicy(get_preset(name).make_config(features, device="cpu"))
-    assert sum(p.numel() for p in policy.parameters()) > 1_000_000
+def test_every_preset_pins_the_chunking_and_takes_its_inputs_from_the_dataset(name):
+    preset = get_preset(name)
+    features = features_for(name)
+    config = preset.make_config(features, device="cpu")
+    # The action chunking the controller and the evaluation rely on, whatever lerobot's defaults.
+    assert (config.horizon, config.n_action_steps, config.n_obs_steps) == (16, 8, 2)
+    assert config.drop_n_last_frames == 7
+    assert config.pretrained_backbone_weights is None and config.use_group_norm
+    assert config.device == "cpu" and not config.push_to_hub
+    # Every pinned field survives DiffusionConfig's own post-processing unchanged.
+    assert {key: getattr(config, key) for key in preset.config} == preset.config
+    # Inputs and action with the dataset's shapes (images channels-first).
+    assert preset.inputs(features) == INPUTS[name]
+    assert list(config.input_features) == INPUTS[name]
+    for key, feature in config.input_features.items():
+        shape = features[key]["shape"]
+        assert feature.shape == ((shape[2], shape[0], shape[1]) if features[key]["dtype"] == "video" else shape)
+    assert list(config.output_features) == ["action"]
+    assert config.output_features["action"].shape == features["action"]["shape"]
 
 
-def test_unknown_preset_and_missing_features_are_clear_errors():
-    with pytest.raises(ValueError, match="known presets"):
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_builds_without_downloading_weights_and_computes_a_loss(name, monkeypatch):
+    import torch
+    import torchvision.models._api
+
+    def no_download(url, *args, **kwargs):
+        raise AssertionError(f"the preset downloads {url}")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", no_download)
+    config = get_preset(name).make_config(features_for(name), device="cpu")
+    policy = DiffusionPolicy(config)
+    torch.manual_seed(0)
+    batch = {key: torch.rand(2, config.n_obs_steps, *feature.shape) for key, feature in config.input_features.items()}
+    batch["action"] = torch.rand(2, config.horizon, *config.action_feature.shape) * 2 - 1
+    batch["action_is_pad"] = torch.zeros(2, config.horizon, dtype=torch.bool)
+    loss, _ = policy.forward(batch)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for p in policy.parameters())
+
+
+def test_an_unknown_preset_is_an_error_that_lists_the_known_ones():
+    with pytest.raises(ValueError, match="known presets: pusht-image, pusht-state, so-arm-image$"):
         get_preset("pusht-lidar")
-    without_env_state = {k: v for k, v in FEATURES.items() if k != "observation.environment_state"}
-    with pytest.raises(ValueError, match="observation.environment_state"):
-        get_preset("pusht-state").make_config(without_env_state)
+
+
+REQUIRED = [  # each input the preset names outright, and the action; the arm's cameras are a pattern
+    (name, key) for name in sorted(PRESETS) for key in [*INPUTS[name], "action"] if "images." not in key
+]
+
+
+@pytest.mark.parametrize("name, key", REQUIRED)
+def test_a_preset_refuses_a_dataset_without_one_of_its_features_and_names_it(name, key):
+    features = {k: v for k, v in features_for(name).items() if k != key}
+    with pytest.raises(ValueError, match=rf"preset '{name}' needs dataset features \['{key}'\]"):
+        get_preset(name).make_config(features, device="cpu")
 
 
 def test_arm_preset_takes_the_joints_and_every_camera():
