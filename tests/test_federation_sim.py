@@ -64,7 +64,7 @@ def test_two_robots_federate_evaluate_and_receive_the_model(tmp_path, superlink)
         fleet,
         out,
         # Differential privacy on: every robot clips its update to norm 0.01 (the learning rate makes
-        # the unclipped ones about 50 times larger), the coordinator adds noise to the aggregate.
+        # the unclipped ones 30-110 times larger), the coordinator adds noise to the aggregate.
         RunConfig(
             num_server_rounds=2,
             local_steps=2,
