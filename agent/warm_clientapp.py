@@ -11,6 +11,12 @@ server that imported those libraries once. The ClientApp itself runs Flower's `r
 unchanged, and loads the ClientApp's code (agent/, fedbot/, ...) from the run's FAB as Flower does:
 only third-party libraries are preloaded.
 
+Only the lab's ClientApp code runs: Flower puts the run's FAB first on sys.path and imports the
+ClientApp it names, so whoever can submit a run could otherwise run any code on every robot. The
+executor launches a ClientApp only for a run whose FAB is, byte for byte, the one Flower builds
+from the fedbot installed on this robot (`--app-sha256`, fedbot/flower_processes.py); any other
+run's messages are refused and logged, and nothing of that FAB is imported.
+
 It exits with the SuperNode's exit code when the SuperNode exits. It and everything it starts are
 in the SuperNode's process group (agent/federation.py stops them together).
 """
@@ -47,14 +53,23 @@ PRELOAD = [
 
 
 class ForkServerExecutor(SubprocessExecutor):
-    """Flower's subprocess executor, except that ClientApps are forked from the warm fork server."""
+    """Flower's subprocess executor, except that ClientApps are forked from the warm fork server,
+    and only for runs of the installed app (`app_sha256`)."""
 
-    def __init__(self):
+    def __init__(self, app_sha256: str):
         self.context = multiprocessing.get_context("forkserver")
+        self.app_sha256 = app_sha256
 
     def launch(self, spec: ExecutionSpec) -> LaunchResult:
         if spec.task_type != TaskType.CLIENT_APP:
             return super().launch(spec)
+        if spec.fab_hash != self.app_sha256:
+            why = (
+                f"refused a ClientApp of a run whose app (FAB sha256 {str(spec.fab_hash)[:16]}...) is not the "
+                f"fedbot installed on this robot ({self.app_sha256[:16]}...)"
+            )
+            print(f"warm_clientapp: {why}", file=sys.stderr, flush=True)
+            return LaunchResult.failed(why)
         certificates = validate_and_resolve_root_certificates(spec.root_certificates_path, spec.insecure)
         self.context.Process(
             target=run_clientapp,
@@ -77,6 +92,7 @@ class ForkServerExecutor(SubprocessExecutor):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m agent.warm_clientapp", description=__doc__.splitlines()[0])
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API (its --port)")
+    parser.add_argument("--app-sha256", required=True, help="the only app package (FAB) whose ClientApps may run")
     parser.add_argument("supernode", nargs=argparse.REMAINDER, help="-- and the flower-supernode command")
     args = parser.parse_args(argv)
     command = args.supernode[1:] if args.supernode[:1] == ["--"] else args.supernode
@@ -90,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     multiprocessing.set_forkserver_preload(PRELOAD)
     forkserver.ensure_running()  # imports now, while the SuperNode connects; not at the first message
     # Flower builds its executor with this factory; fedbot's replaces it (flwr is pinned: pyproject.toml).
-    flower_superexec.get_executor = lambda *args, **kwargs: ForkServerExecutor()
+    app_sha256 = args.app_sha256
+    flower_superexec.get_executor = lambda *_args, **_kwargs: ForkServerExecutor(app_sha256)
     flower_superexec.run_superexec(runtime_api_address=args.runtime_api_address, insecure=True)
 
 

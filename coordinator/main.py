@@ -26,7 +26,7 @@ from pathlib import Path
 
 from coordinator.credentials import ensure_robot_key, make_server_certificate
 from coordinator.superlink import CONNECTION, SuperLink, SuperLinkSettings
-from fedbot.flower_processes import BIN
+from fedbot.flower_processes import BIN, PROJECT
 from fedbot.service import (
     configure_logging,
     notify_ready,
@@ -35,7 +35,7 @@ from fedbot.service import (
 )
 
 log = logging.getLogger("fedbot.coordinator")
-PROJECT = Path(__file__).resolve().parents[1]  # the Flower app (pyproject [tool.flwr.app])
+
 RUN_ID = re.compile(r"Successfully started run (\d+)")
 
 

@@ -3,6 +3,8 @@ free ports for several of them on one host, and a SuperLink for Flower's simulat
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import select
 import socket
@@ -14,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flower-superexec and flwr beside python
+PROJECT = Path(__file__).resolve().parents[1]  # this checkout: the Flower app (pyproject [tool.flwr.app])
 
 # The environment of every Flower process fedbot starts (SuperLink, SuperNode, ClientApps, `flwr`).
 FLOWER_ENVIRONMENT = {
@@ -28,6 +31,16 @@ FLOWER_ENVIRONMENT = {
     # default 1 s, a local HTTP call each time).
     "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
 }
+
+
+@functools.cache
+def installed_app_sha256() -> str:
+    """The sha256 of the app package (FAB) Flower builds from this checkout: what `flwr run` of the
+    installed fedbot submits. Flower's build is deterministic (fixed dates, sorted files), so a
+    robot computes it from its own copy and runs no other ClientApp code (agent/warm_clientapp.py)."""
+    from flwr.cli.build import build_fab_from_disk
+
+    return hashlib.sha256(build_fab_from_disk(PROJECT)).hexdigest()
 
 
 def flower_environment(flwr_home: Path) -> dict[str, str]:
