@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedbot.flower_processes import BIN, flower_environment
+from fedbot.flower_processes import BIN, flower_environment, installed_app_sha256
 
 
 @dataclass(frozen=True)
@@ -38,13 +38,16 @@ class SuperNodeSettings:
         return " ".join(f"{key}='{value}'" for key, value in values.items())
 
     def command(self) -> list[str]:
-        """flower-supernode under agent/warm_clientapp.py, which starts its ClientApps warm."""
+        """flower-supernode under agent/warm_clientapp.py, which starts its ClientApps warm and only
+        those of the fedbot installed here."""
         command = [
             sys.executable,
             "-m",
             "agent.warm_clientapp",
             "--runtime-api-address",
             f"127.0.0.1:{self.port}",
+            "--app-sha256",
+            installed_app_sha256(),
             "--",
             str(BIN / "flower-supernode"),
             "--superlink",
