@@ -11,9 +11,9 @@ in bench/bench_round_overhead.py.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,14 +21,13 @@ import pytest
 
 from agent.supernode import SuperNodeSettings
 from coordinator.credentials import ensure_robot_key, make_server_certificate
-from fedbot.flower_processes import free_port
+from fedbot.flower_processes import BIN, PROJECT, free_port
 from fedbot.run_config import RunConfig
 from fedbot.typed_config import changed_keys
 
 from helpers import assert_replies_hold_no_data, record_wander
 from processes import Followed, group_alive
 
-BIN = Path(sys.executable).parent
 TINY_RUN = RunConfig(
     num_server_rounds=2, local_steps=2, batch_size=8, eval_episodes=1, eval_every=2, round_timeout=300.0
 )
@@ -194,3 +193,20 @@ def test_a_run_with_no_robot_stops_after_its_wait_with_the_reason(lab):
     coordinator = lab.coordinator(run_config=replace(TINY_RUN, robot_wait_seconds=3.0))
     assert coordinator.wait(timeout=300) != 0
     assert "no robot connected within 3 s (robot-wait-seconds)" in coordinator.text()
+
+
+def test_robots_refuse_a_run_of_any_app_but_the_installed_fedbot(lab, tmp_path):
+    """Someone submits a run of a modified app whose ClientApp would write a marker file: every
+    robot refuses its messages, so that code never runs, and the run fails."""
+    app = tmp_path / "modified-app"
+    shutil.copytree(PROJECT, app, ignore=shutil.ignore_patterns(".venv", ".git", "outputs", "data", "__pycache__"))
+    marker = tmp_path / "marker"
+    with open(app / "agent" / "client_app.py", "a") as f:
+        f.write(f"\nopen({str(marker)!r}, 'w').close()  # not fedbot's code\n")
+    coordinator = lab.coordinator("--app", str(app), run_config=replace(TINY_RUN, min_nodes=1, round_timeout=30.0))
+    coordinator.wait_for(r"ready: robots can join", timeout=300)
+    robot = lab.robot(0)
+    assert coordinator.wait(timeout=600) != 0
+    assert "no robot sent its statistics" in coordinator.text()
+    assert "refused a ClientApp of a run whose app" in robot.text()
+    assert not marker.exists()
