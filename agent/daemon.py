@@ -8,7 +8,7 @@ States, each transition logged and shown in `fedbot status` and systemd's STATUS
     federating      the robot's flower-supernode is up and trains when the coordinator asks
 
 Recording and running the policy preempt federating: the SuperNode gets SIGTERM and leaves. New
-models arriving in the inbox are checked and hot-swapped in any state (agent/models.py).
+models arriving in the inbox are checked and hot-swapped in any state (agent/model_store.py).
 
 A robot whose serial port or camera fails (`HardwareFault`) loses the episode in progress; the
 fault shows in `fedbot status` and the agent reconnects the robot once the device is back.
@@ -32,7 +32,7 @@ from watchdog.observers import Observer
 from agent.config import AgentConfig
 from agent.controller import RUN, ControlLoop
 from agent.federation import SuperNode, rounds_joined
-from agent.models import (
+from agent.model_store import (
     CheckRules,
     ModelRejected,
     ModelStore,

@@ -1,7 +1,7 @@
 """What identifies a published model directory: its manifest file and the sha256 of its files.
 
 The coordinator writes `manifest.json` beside a saved policy (coordinator/registry.py); a robot's
-inbox and model store check a delivered directory against it (agent/inbox.py, agent/models.py).
+inbox and model store check a delivered directory against it (agent/inbox.py, agent/model_store.py).
 """
 
 from __future__ import annotations

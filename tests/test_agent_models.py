@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from agent.models import CheckRules, ModelRejected, ModelStore, check_model
+from agent.model_store import CheckRules, ModelRejected, ModelStore, check_model
 from fedbot.model_manifest import MANIFEST, WEIGHTS, sha256_file
 from hardware.pusht_sim import PushTSim, PushTSimConfig
 
