@@ -31,7 +31,6 @@ from watchdog.observers import Observer
 
 from agent.config import AgentConfig
 from agent.controller import RUN, ControlLoop
-from agent.federation import SuperNode, rounds_joined
 from agent.model_store import (
     CheckRules,
     ModelRejected,
@@ -40,7 +39,7 @@ from agent.model_store import (
     read_manifest,
     sim_gate_success,
 )
-from agent.supernode import SuperNodeSettings
+from agent.supernode import SuperNode, SuperNodeSettings, rounds_joined
 from fedbot import service
 from fedbot.atomic_files import write_json_atomic
 from fedbot.episode_store import committed_episodes

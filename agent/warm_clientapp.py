@@ -12,7 +12,7 @@ unchanged, and loads the ClientApp's code (agent/, fedbot/, ...) from the run's 
 only third-party libraries are preloaded.
 
 It exits with the SuperNode's exit code when the SuperNode exits. It and everything it starts are
-in the SuperNode's process group (agent/federation.py stops them together).
+in the SuperNode's process group (agent/supernode.py stops them together).
 """
 
 from __future__ import annotations
