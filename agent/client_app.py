@@ -24,9 +24,8 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
 from lerobot.utils.constants import ACTION
 
-from agent.federation import note_round
 from agent.inbox import write_to_inbox
-from agent.node import NodeSettings
+from agent.supernode import NodeSettings, note_round
 from fedbot.atomic_files import write_bytes_atomic
 from fedbot.evaluation import evaluate
 from fedbot.policy_io import LoadedPolicy

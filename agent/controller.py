@@ -1,6 +1,6 @@
 """The live controller: a fixed-rate control loop that runs the live policy on the robot.
 
-Each tick: observation -> preprocessor -> policy -> postprocessor -> robot (agent/inference.py
+Each tick: observation -> preprocessor -> policy -> postprocessor -> robot (agent/action_chunks.py
 computes the policy's action chunks off the control thread). New policies are handed over with
 `swap`, prepared elsewhere, and installed between two ticks together with their processors.
 The loop keeps ticking while it holds or while recording owns the robot (`pause`), so that tick
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from lerobot.utils.robot_utils import precise_sleep
 
-from agent.inference import ChunkedInference
+from agent.action_chunks import ChunkedInference
 from fedbot.policy_io import LoadedPolicy
 from hardware.errors import HardwareFault
 

@@ -1,108 +1,118 @@
-"""The robot's membership in the federation: its `flower-supernode` process and its round log.
+"""When the robot federates: the idle rules, and the supervision of its SuperNode with restart back-off.
 
-The agent decides when the robot may federate (agent/daemon.py); this module starts and stops the
-real SuperNode with the robot's node config, removes one a killed agent left behind, and reads
-`rounds.jsonl`, where the ClientApp notes each round this robot trained in.
+The robot joins the federation (its SuperNode runs, agent/supernode.py) while it is idle and the
+`[idle]` rules hold: new episodes since its last round, the allowed hours, a cooldown after the
+last recording or policy run. A SuperNode that exits (coordinator unreachable for good, robot
+refused) is restarted after an exponential back-off; one that stayed up a while resets it.
+
+The agent's state machine (agent/daemon.py) makes and logs the transitions; it calls the methods
+that start, stop or restart the SuperNode with its lock held.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import signal
-import subprocess
+import time
+from datetime import datetime
 from pathlib import Path
 
-from agent.supernode import SuperNodeSettings
-from fedbot.process_group import signal_group, start_group, stop_group
+from agent.config import AgentConfig
+from agent.supernode import SuperNode, SuperNodeSettings, rounds_joined
+from fedbot.episode_store import committed_episodes
 
-log = logging.getLogger("fedbot.agent.federation")
-ROUNDS_LOG = "rounds.jsonl"
-PGID_FILE = "supernode.pgid"
-
-
-def rounds_joined(output_dir: Path) -> list[dict]:
-    """Rounds this robot trained in: {"run", "round", "episodes", "time"} each, oldest first."""
-    path = Path(output_dir) / ROUNDS_LOG
-    if not path.is_file():
-        return []
-    rounds = []
-    for line in path.read_text().splitlines():
-        try:
-            rounds.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a crash of the ClientApp
-            continue
-    return rounds
+log = logging.getLogger("fedbot.agent")
+STABLE_SUPERNODE = 60.0  # a SuperNode up this long resets the restart back-off
 
 
-def note_round(output_dir: Path, entry: dict) -> None:
-    """Append one round to rounds.jsonl (called by the ClientApp after local training)."""
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(output_dir) / ROUNDS_LOG, "a") as f:
-        f.write(json.dumps(entry) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+class Federation:
+    """This robot's SuperNode, when it may run, and its restarts."""
 
-
-class SuperNode:
-    """One `flower-supernode` process of this robot, in its own process group."""
-
-    def __init__(self, settings: SuperNodeSettings, state_dir: Path):
-        self.settings = settings
-        self.state_dir = Path(state_dir)
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def log_path(self) -> Path:
-        return self.state_dir / "supernode.log"
-
-    def start(self) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.kill_leftover()
-        flwr_home = self.state_dir / "flwr-home"
-        flwr_home.mkdir(exist_ok=True)
-        self.process = start_group(self.settings.command(), self.settings.environment(flwr_home), self.log_path)
-        (self.state_dir / PGID_FILE).write_text(str(self.process.pid))
-        log.info(
-            "SuperNode started (pid %d) towards %s; log %s", self.process.pid, self.settings.superlink, self.log_path
+    def __init__(self, config: AgentConfig, model_inbox: Path):
+        self.config = config
+        self.supernode = SuperNode(
+            SuperNodeSettings(
+                superlink=config.coordinator.superlink,
+                dataset_root=config.dataset_root,
+                model_inbox=model_inbox,
+                output_dir=config.federation_dir,
+                robot_id=config.robot_id,
+                port=config.coordinator.supernode_port,
+                root_certificates=config.coordinator.root_certificates,
+                auth_key=config.coordinator.auth_key,
+            ),
+            config.data_dir / "supernode",
         )
+        self.failures = 0  # SuperNode exits since it last ran stably
+        self._quiet_since = time.monotonic()  # end of the last recording or policy run (cooldown)
+        self._started = 0.0
+        self._next_start = 0.0
 
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+    def start_cooldown(self, now: float) -> None:
+        """A recording or policy run ended at `now`: the cooldown of the idle rules starts."""
+        self._quiet_since = now
 
-    def exit_code(self) -> int | None:
-        return None if self.process is None else self.process.poll()
+    def idle_blockers(self) -> list[str]:
+        """Why the robot may not join the federation now (empty: it may)."""
+        rules, blockers = self.config.idle, []
+        episodes = committed_episodes(self.config.dataset_root)
+        rounds = self.rounds()
+        new = episodes - (rounds[-1]["episodes"] if rounds else 0)
+        if episodes == 0:
+            blockers.append("no episodes recorded")
+        elif new < rules.min_new_episodes:
+            blockers.append(f"{new} new episodes since the last round, {rules.min_new_episodes} needed")
+        if not within_hours(datetime.now().hour, rules.hours):
+            blockers.append(f"outside the allowed hours {rules.hours[0]}-{rules.hours[1]}")
+        quiet = time.monotonic() - self._quiet_since
+        if quiet < rules.cooldown_seconds:
+            blockers.append(f"cooling down ({rules.cooldown_seconds - quiet:.0f} s left)")
+        return blockers
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM: the SuperNode leaves the federation cleanly; SIGKILL after `timeout`."""
-        if self.process is None:
-            return
-        stop_group(self.process, timeout)
-        log.info("SuperNode stopped (exit %s)", self.process.returncode)
-        (self.state_dir / PGID_FILE).unlink(missing_ok=True)
-        self.process = None
+    def may_join(self, now: float) -> bool:
+        """For an idle robot: the restart back-off is over and the idle rules hold."""
+        return now >= self._next_start and not self.idle_blockers()
 
-    def kill_leftover(self) -> None:
-        """Kill the process group of a SuperNode started by an agent that was killed."""
-        pgid_file = self.state_dir / PGID_FILE
-        if not pgid_file.is_file():
-            return
-        pgid = int(pgid_file.read_text() or 0)
-        if pgid > 0 and _is_flower_group(pgid):
-            log.warning("killing SuperNode process group %d left by a previous agent", pgid)
-            signal_group(pgid, signal.SIGKILL)
-        pgid_file.unlink()
+    def join(self, now: float) -> None:
+        self.supernode.start()
+        self._started = now
+
+    def leave(self) -> None:
+        """SIGTERM to the SuperNode (none running: nothing to do)."""
+        self.supernode.stop()
+
+    def supernode_exited(self, now: float) -> bool:
+        """For a federating robot, once per supervision: whether its SuperNode has exited. If it has,
+        its restart is scheduled with back-off; if it has run stably, the back-off is reset."""
+        if not self.supernode.alive():
+            code = self.supernode.exit_code()
+            self.supernode.stop()
+            self.failures += 1
+            delay = min(2.0**self.failures, self.config.coordinator.retry_max_seconds)
+            self._next_start = now + delay
+            log.warning(
+                "SuperNode exited with code %s (see %s); trying again in %.0f s",
+                code,
+                self.supernode.log_path,
+                delay,
+            )
+            return True
+        if now - self._started > STABLE_SUPERNODE:
+            self.failures = 0
+        return False
+
+    def rounds(self) -> list[dict]:
+        """The rounds this robot trained in, oldest first (agent/supernode.py)."""
+        return rounds_joined(self.config.federation_dir)
+
+    def status(self) -> dict:
+        return {
+            "supernode-pid": self.supernode.process.pid if self.supernode.alive() else None,
+            "failures": self.failures,
+            "blocked-by": self.idle_blockers(),
+        }
 
 
-def _is_flower_group(pgid: int) -> bool:
-    """Some process of group `pgid` is a Flower process (a reused pgid must not be killed)."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if os.getpgid(int(proc.name)) == pgid and b"flower-" in (proc / "cmdline").read_bytes():
-                return True
-        except (ProcessLookupError, PermissionError, FileNotFoundError):
-            continue
-    return False
+def within_hours(hour: int, hours: list[int]) -> bool:
+    """Whether `hour` (0-23) lies in the idle rule's [start, end); start > end spans midnight (22-6)."""
+    start, end = hours
+    return start <= hour < end if start <= end else hour >= start or hour < end

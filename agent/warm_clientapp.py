@@ -18,7 +18,7 @@ from the fedbot installed on this robot (`--app-sha256`, fedbot/flower_processes
 run's messages are refused and logged, and nothing of that FAB is imported.
 
 It exits with the SuperNode's exit code when the SuperNode exits. It and everything it starts are
-in the SuperNode's process group (agent/federation.py stops them together).
+in the SuperNode's process group (agent/supernode.py stops them together).
 """
 
 from __future__ import annotations

@@ -57,11 +57,11 @@ def deliver(agent: Agent, staged: Path) -> str:
 
 def wait_live(agent: Agent, name: str, timeout: float = 120.0) -> dict:
     deadline = time.monotonic() + timeout
-    while agent.last_swap is None or agent.last_swap["model"] != name:
+    while agent.updates.last_swap is None or agent.updates.last_swap["model"] != name:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{name} not live after {timeout} s; rejected: {agent.models.rejections()[:1]}")
         time.sleep(0.01)  # poll: the benchmark, not the agent, waits here
-    return agent.last_swap
+    return agent.updates.last_swap
 
 
 def main() -> None:

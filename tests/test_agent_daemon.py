@@ -15,7 +15,7 @@ import pytest
 from test_agent_models import _flip_bytes, _nan, _truncate, _wrong_shape
 
 from agent.config import AgentConfig, ControlSection, CoordinatorSection, IdleSection
-from agent.daemon import within_hours
+from agent.federation import within_hours
 from agent.main import main as agent_main
 from fedbot.control_client import request
 from fedbot.episode_store import committed_episodes

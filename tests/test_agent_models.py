@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from agent.models import CheckRules, ModelRejected, ModelStore, check_model
+from agent.model_store import CheckRules, ModelRejected, ModelStore, check_model
 from fedbot.model_manifest import MANIFEST, WEIGHTS, sha256_file
 from hardware.pusht_sim import PushTSim, PushTSimConfig
 
@@ -131,7 +131,7 @@ def test_sim_gate_compares_with_the_live_model(untrained_policy, tmp_path):
     )
     agent = Agent(config)
     first = agent.models.accept(deliver_model(untrained_policy, agent.models.inbox, "first"))
-    agent._sim_gate("first", load_policy(first, "cpu"))  # nothing live yet: passes
+    agent.updates.sim_gate("first", load_policy(first, "cpu"))  # nothing live yet: passes
     agent.models.went_live(first)
     with pytest.raises(ModelRejected, match=r"sim gate: success 0% on 1 scenes, the live model has 0%"):
-        agent._sim_gate("second", load_policy(untrained_policy, "cpu"))
+        agent.updates.sim_gate("second", load_policy(untrained_policy, "cpu"))
