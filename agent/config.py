@@ -34,7 +34,8 @@ An SO-100/SO-101 arm (README, "Bringing up a real arm"):
     [coordinator]                         # the lab's SuperLink
     superlink = "lab-server:9092"
     root-certificates = "/etc/fedbot/tls/ca.crt"   # omit for an insecure (development) SuperLink
-    auth-key = "/etc/fedbot/robot1"                # omit when the SuperLink does not authenticate
+    auth-key = "/var/lib/fedbot/keys/supernode"    # made on the robot (`fedbot-agent keygen`); omit
+                                                   # when the SuperLink does not authenticate robots
     [idle]                                # when the robot may join the federation
     min-new-episodes = 1
     hours = [0, 24]
@@ -43,6 +44,7 @@ An SO-100/SO-101 arm (README, "Bringing up a real arm"):
     rate-hz = 10.0
     inference-threads = 1
     [checks]                              # what a new model must pass before it goes live
+    trusted-keys = ["ssh-ed25519 AAAAC3Nza... fedbot-coordinator"]   # who may sign models
     keep-models = 5
     sim-gate-episodes = 0
     sim-gate-tolerance = 0.1
@@ -55,6 +57,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fedbot.control_client import DEFAULT_SOCKET
+from fedbot.model_manifest import parse_public_key
 from fedbot.scenes import DEFAULT_TASK
 from fedbot.typed_config import ConfigError, from_mapping
 from hardware.cameras import CameraSettings
@@ -115,6 +118,9 @@ class ControlSection:
 
 @dataclass(frozen=True)
 class ChecksSection:
+    # Public keys ("ssh-ed25519 AAAA... name") whose signature a model must carry: the coordinator's
+    # (<output-dir>/signing.key.pub) and any operator's who signs models by hand. None: no model is taken.
+    trusted_keys: list[str] = field(default_factory=list)
     keep_models: int = 5
     sim_gate_episodes: int = 0  # 0: no simulator gate
     sim_gate_tolerance: float = 0.1  # how much lower the candidate's success rate may be
@@ -250,18 +256,21 @@ def _validate(config: AgentConfig, source: str) -> None:
         raise bad("control.rate-hz", "must be > 0")
     if config.control.inference_threads < 1:
         raise bad("control.inference-threads", "must be >= 1")
+    for i, line in enumerate(config.checks.trusted_keys):
+        try:
+            parse_public_key(line)
+        except ValueError as error:
+            raise bad(f"checks.trusted-keys[{i}]", str(error)) from None
     if config.checks.keep_models < 2:
         raise bad("checks.keep-models", "must be >= 2 (the live model and one to roll back to)")
     if config.checks.sim_gate_episodes < 0:
         raise bad("checks.sim-gate-episodes", "must be >= 0")
     if config.idle.min_new_episodes < 0 or config.idle.cooldown_seconds < 0:
         raise bad("idle", "min-new-episodes and cooldown-seconds must be >= 0")
-    for key, value in (
-        ("coordinator.root-certificates", config.coordinator.root_certificates),
-        ("coordinator.auth-key", config.coordinator.auth_key),
-    ):
-        if value is not None and not value.is_file():
-            raise bad(key, f"names {value}, which does not exist")
+    root_certificates = config.coordinator.root_certificates
+    if root_certificates is not None and not root_certificates.is_file():
+        raise bad("coordinator.root-certificates", f"names {root_certificates}, which does not exist")
+    # coordinator.auth-key may not exist yet: `fedbot-agent keygen` or the agent's first start makes it.
 
 
 def _validate_arm(config: AgentConfig, bad) -> None:

@@ -63,7 +63,7 @@ class Agent:
         self.robot = make_robot(config.robot.type, config.robot_id, **config.robot_settings())
         self.control = ControlLoop(self.robot, config.control.rate_hz, config.control.inference_threads)
         self.models = ModelStore(config.model_dir, config.checks.keep_models)
-        rules = CheckRules(config.checks.sim_gate_episodes, config.checks.sim_gate_tolerance, config.control.device)
+        rules = CheckRules.of(config.checks, config.control.device)
         self.updates = ModelUpdates(self.models, self.control, rules, self._robot_features, self._report_status)
         self.federation = Federation(config, self.models.inbox)
         self.requests = ControlRequests(

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedbot.atomic_files import write_json_atomic
 from fedbot.evaluation import evaluate
-from fedbot.model_manifest import MANIFEST, WEIGHTS, sha256_file
+from fedbot.model_manifest import MANIFEST, ModelNotTrusted, parse_public_key, verify_model_dir
 from fedbot.policy_io import LoadedPolicy, load_policy
 from fedbot.scenes import EVAL_SEED_START
 
@@ -39,32 +40,37 @@ class ModelRejected(Exception):
 
 @dataclass(frozen=True)
 class CheckRules:
+    trusted_keys: tuple[Ed25519PublicKey, ...] = ()  # whose signature a model must carry
     sim_gate_episodes: int = 0  # 0: no simulator gate
     sim_gate_tolerance: float = 0.1
     device: str | None = None
 
+    @classmethod
+    def of(cls, checks, device: str | None) -> CheckRules:
+        """The rules of an agent config's [checks] section."""
+        keys = tuple(parse_public_key(line) for line in checks.trusted_keys)
+        return cls(keys, checks.sim_gate_episodes, checks.sim_gate_tolerance, device)
+
 
 def read_manifest(model: Path) -> dict:
+    """The manifest of a model the agent verified when it accepted it (for status and listings)."""
     try:
         manifest = json.loads((model / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise ModelRejected(f"no {MANIFEST}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ModelRejected(f"{MANIFEST} is not JSON: {error}") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("sha256"), str):
-        raise ModelRejected(f"{MANIFEST} has no sha256 of the weights")
-    return manifest
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
 
 
 def check_model(model: Path, robot_features: dict[str, tuple], rules: CheckRules) -> LoadedPolicy:
-    """Load `model` if it passes every check: manifest sha256 matches the weights, strict load, all
-    weights finite, inputs and action match this robot. Raises ModelRejected otherwise."""
-    manifest = read_manifest(model)
-    if not (model / WEIGHTS).is_file():
-        raise ModelRejected(f"no {WEIGHTS}")
-    digest = sha256_file(model / WEIGHTS)
-    if digest != manifest["sha256"]:
-        raise ModelRejected(f"{WEIGHTS} hashes to {digest[:12]}..., the manifest says {manifest['sha256'][:12]}...")
+    """Load `model` if it passes every check, in this order: signed by a trusted key with every file
+    as signed (before anything in it is parsed), then loaded without importing anything it names,
+    strictly, all weights finite, inputs and action matching this robot. Raises ModelRejected."""
+    if not rules.trusted_keys:
+        raise ModelRejected("this robot trusts no signing key ([checks] trusted-keys): no model can go live")
+    try:
+        verify_model_dir(model, list(rules.trusted_keys))
+    except ModelNotTrusted as why:
+        raise ModelRejected(f"not trusted: {why}") from None
     try:
         loaded = load_policy(model, rules.device)
     except Exception as error:  # noqa: BLE001  any failure to load is a reason to reject, with its text

@@ -99,7 +99,7 @@ class ModelUpdates:
         if live is None:
             return None
         manifest = read_manifest(live)
-        return {"name": live.name, **{key: manifest[key] for key in ("round", "sha256", "time") if key in manifest}}
+        return {"name": live.name, **{key: manifest[key] for key in ("round", "sha256", "created") if key in manifest}}
 
     def _process_inbox(self) -> None:
         while not self._stopping.is_set():

@@ -24,6 +24,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedbot.atomic_files import write_bytes_atomic
 from fedbot.flower_processes import BIN, flower_environment, installed_app_sha256
 from fedbot.process_group import signal_group, start_group, stop_group
 
@@ -87,6 +91,24 @@ def rounds_joined(output_dir: Path) -> list[dict]:
 
 
 # -- the agent side -------------------------------------------------------------------------------------
+def ensure_auth_key(path: Path) -> Path:
+    """The robot's SuperNode authentication key at `path` (ECDSA P-384, OpenSSH format, mode 0600),
+    made here on the robot if it does not exist yet; returns its public half, `<path>.pub`, which
+    is all that goes to the lab server (`fedbot-coordinator run --register-dir`)."""
+    path = Path(path)
+    public = path.with_name(path.name + ".pub")
+    if not path.exists():
+        key = ec.generate_private_key(ec.SECP384R1())
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        )
+        write_bytes_atomic(path, pem, private=True)
+    key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    line = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    write_bytes_atomic(public, line + b"\n")
+    return public
+
+
 @dataclass(frozen=True)
 class SuperNodeSettings:
     superlink: str  # host:port of the coordinator's SuperLink

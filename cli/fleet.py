@@ -30,6 +30,7 @@ from rich.table import Table
 
 from agent.config import (
     AgentConfig,
+    ChecksSection,
     ControlSection,
     CoordinatorSection,
     IdleSection,
@@ -39,6 +40,7 @@ from agent.config import (
 from fedbot.atomic_files import write_json_atomic
 from fedbot.control_client import request
 from fedbot.flower_processes import BIN, free_port
+from fedbot.model_manifest import generate_key
 from fedbot.run_config import RunConfig
 from fedbot.scenes import EVAL_SEED_START
 from fedbot.typed_config import changed_keys, write_toml
@@ -60,8 +62,11 @@ class FleetSettings:
     out: Path = Path("outputs")
 
 
-def _agent_config(directory: Path, name: str, style: str, superlink: str, part: tuple[int, int]) -> Path:
-    """The robot's agent file: data and socket beside it, idle as soon as it recorded an episode."""
+def _agent_config(
+    directory: Path, name: str, style: str, superlink: str, part: tuple[int, int], trusted_key: str
+) -> Path:
+    """The robot's agent file: data and socket beside it, idle as soon as it recorded an episode,
+    trusting models signed by the coordinator's key."""
     config = AgentConfig(
         robot_id=name,
         data_dir=Path("data"),
@@ -71,6 +76,7 @@ def _agent_config(directory: Path, name: str, style: str, superlink: str, part: 
         coordinator=CoordinatorSection(superlink=superlink, supernode_port=free_port()),
         idle=IdleSection(min_new_episodes=1, cooldown_seconds=0.0),
         control=ControlSection(rate_hz=10.0),
+        checks=ChecksSection(trusted_keys=[trusted_key]),
     )
     write_toml(directory / "agent.toml", config)
     return directory / "agent.toml"
@@ -100,6 +106,8 @@ class Fleet:
         styles = sorted(STYLES)
         s = self.settings
         self.run_dir.mkdir(parents=True)
+        signing_key = self.run_dir / "coordinator" / "signing.key"  # the robots trust its public half
+        trusted = generate_key(signing_key, "fedbot-coordinator")
         run_config = changed_keys(
             RunConfig(
                 num_server_rounds=s.rounds,
@@ -107,6 +115,7 @@ class Fleet:
                 local_steps=s.local_steps,
                 eval_episodes=s.eval_episodes,
                 fraction_evaluate=0.0,
+                signing_key=str(signing_key.resolve()),
             )
         )
         self.coordinator = self._spawn(
@@ -129,7 +138,8 @@ class Fleet:
             directory = self.run_dir / "robots" / f"robot{i}"
             directory.mkdir(parents=True)
             part = (i, s.robots) if s.split_scenes else (0, 1)
-            config = _agent_config(directory, f"robot{i}", styles[i % len(styles)], f"127.0.0.1:{self.port}", part)
+            style, superlink = styles[i % len(styles)], f"127.0.0.1:{self.port}"
+            config = _agent_config(directory, f"robot{i}", style, superlink, part, trusted)
             self._spawn([str(BIN / "fedbot-agent"), "--sim", "--config", str(config)], directory / "agent.log")
             self.robots.append(directory)
         for robot in self.robots:

@@ -1,16 +1,14 @@
-"""Credentials for a production federation: TLS for the SuperLink and SuperNode authentication keys.
+"""TLS for the coordinator: the lab's certificate authority and the SuperLink's certificate.
 
-    <dir>/ca.crt, ca.key           the lab's certificate authority (robots trust ca.crt)
+    <dir>/ca.crt, ca.key           the lab's certificate authority (robots get ca.crt only)
     <dir>/server.pem, server.key   the SuperLink's certificate, valid for the given hosts/IPs
-    <dir>/robots/<name>, <name>.pub
-                                   one ECDSA P-384 key pair per robot in OpenSSH format: the public
-                                   key is registered with `flwr supernode register`, the private
-                                   key goes to the robot (`flower-supernode --auth-supernode-private-key`)
 
-Generated with `cryptography` (already a Flower dependency) rather than an openssl/ssh-keygen
-script, so a fresh machine needs no extra tools. Existing files are kept (a new server
-certificate is signed by the existing CA; existing robot keys stay registered); every file is
-written atomically and private keys are readable by their owner only.
+Robots make their own authentication keys (`fedbot-agent keygen`, agent/supernode.py); only their
+public keys come to the lab server, to be registered. The CA key never leaves this directory.
+
+Generated with `cryptography` (already a Flower dependency) rather than an openssl script, so a
+fresh machine needs no extra tools. Existing files are kept (a new server certificate is signed by
+the existing CA); every file is written atomically and private keys are readable by their owner only.
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ from fedbot.atomic_files import write_bytes_atomic
 
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
 SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
-ROBOTS_DIR = "robots"
 VALID_DAYS = 825
 
 
@@ -87,26 +84,3 @@ def make_server_certificate(out: Path, hosts: list[str]) -> Path:
     write_bytes_atomic(out / SERVER_KEY, _pem_key(key), private=True)
     write_bytes_atomic(out / SERVER_CERT, cert.public_bytes(serialization.Encoding.PEM))
     return out / SERVER_CERT
-
-
-def ensure_robot_key(out: Path, robot: str) -> Path:
-    """The robot's authentication key pair (kept if it exists); returns the public key's path."""
-    if not robot or "/" in robot or robot.startswith("."):
-        raise ValueError(f"invalid robot name {robot!r}")
-    directory = out / ROBOTS_DIR
-    directory.mkdir(parents=True, exist_ok=True)
-    private, public = directory / robot, directory / f"{robot}.pub"
-    if not (private.exists() and public.exists()):
-        key = ec.generate_private_key(ec.SECP384R1())
-        write_bytes_atomic(
-            private,
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-            ),
-            private=True,
-        )
-        write_bytes_atomic(
-            public,
-            key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n",
-        )
-    return public

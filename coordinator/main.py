@@ -2,7 +2,7 @@
 
     fedbot-coordinator run --state-dir DIR [--tls DIR [--auth --register KEY.pub ... --register-dir DIR]]
                            [--run-config "k=v ..."]
-    fedbot-coordinator credentials --out DIR --host HOST [--robot NAME ...]
+    fedbot-coordinator credentials --out DIR --host HOST [--host HOST ...]
 
 `run` starts and supervises a real `flower-superlink`, registers robots' keys, submits the Flower app
 in this repository (`flwr run`) and streams its log. If the SuperLink dies, it is started again and
@@ -24,7 +24,7 @@ import sys
 import threading
 from pathlib import Path
 
-from coordinator.credentials import ensure_robot_key, make_server_certificate
+from coordinator.credentials import make_server_certificate
 from coordinator.superlink import CONNECTION, SuperLink, SuperLinkSettings
 from fedbot.flower_processes import BIN, PROJECT
 from fedbot.service import (
@@ -176,20 +176,19 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--app", type=Path, default=PROJECT, help="the Flower app to run (default: this repository)")
     run.add_argument("--restarts", type=int, default=3, help="SuperLink restarts before giving up")
 
-    creds = commands.add_parser("credentials", help="create the CA, the SuperLink certificate and robot keys")
+    creds = commands.add_parser(
+        "credentials", help="create the lab CA and the SuperLink certificate (robots make their own keys)"
+    )
     creds.add_argument("--out", type=Path, required=True)
     creds.add_argument(
         "--host", action="append", required=True, help="a name or IP robots use to reach the SuperLink (repeatable)"
     )
-    creds.add_argument("--robot", action="append", default=[], help="a robot to create a key pair for (repeatable)")
 
     args = parser.parse_args(argv)
     configure_logging()
     try:
         if args.command == "credentials":
             print(f"SuperLink certificate: {make_server_certificate(args.out, args.host)}")
-            for robot in args.robot:
-                print(f"robot {robot}: register {ensure_robot_key(args.out, robot)}")
             return 0
         settings = SuperLinkSettings(
             state_dir=args.state_dir.resolve(), host=args.host, port=args.port, tls_dir=args.tls, auth=args.auth

@@ -27,3 +27,13 @@ def untrained_policy(small_dataset, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("runs") / "untrained"
     return train(small_dataset, get_preset("pusht-state"), 0, out, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def lab_key(tmp_path_factory):
+    """The private key the tests' models are signed with (the robots' configs trust its public half)."""
+    from fedbot.model_manifest import generate_key
+
+    path = tmp_path_factory.mktemp("keys") / "lab.key"
+    generate_key(path, "lab")
+    return path

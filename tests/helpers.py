@@ -50,25 +50,33 @@ def record_wander(root: Path, episodes: int, steps: int = 20, seed_start: int = 
     return report.total_episodes
 
 
-def deliver_model(policy_dir: Path, inbox: Path, name: str, round_number: int = 1, edit=None) -> Path:
-    """Put a copy of a saved policy into a model inbox the way a deploy does: a manifest with the
-    weights' sha256, written under a hidden name and renamed into place. `edit(directory)` may
-    damage the copy after the manifest is written (a corrupt delivery)."""
-    import json
+def deliver_model(
+    policy_dir: Path, inbox: Path, name: str, key: Path, round_number: int = 1, edit=None, tamper=None
+) -> Path:
+    """Put a copy of a saved policy into a model inbox the way a deploy does: signed with the private
+    key at `key` (a manifest of every file's sha256), written under a hidden name and renamed into
+    place. `edit(directory)` changes the copy before it is signed (a bad model its signer vouches
+    for); `tamper(directory)` after (an attacker's change on the way)."""
     import os
     import shutil
 
-    from fedbot.model_manifest import MANIFEST, WEIGHTS, sha256_file
+    from fedbot.model_manifest import load_private_key, sign_model_dir
 
     inbox.mkdir(parents=True, exist_ok=True)
     staging = inbox / f".incoming-{name}"
     shutil.copytree(policy_dir, staging)
-    manifest = {"round": round_number, "sha256": sha256_file(staging / WEIGHTS), "time": 0.0}
-    (staging / MANIFEST).write_text(json.dumps(manifest))
     if edit is not None:
         edit(staging)
+    sign_model_dir(staging, load_private_key(key), {"round": round_number, "created": "2026-01-01T00:00:00"})
+    if tamper is not None:
+        tamper(staging)
     os.rename(staging, inbox / name)
     return inbox / name
+
+
+def public_key_line(key: Path) -> str:
+    """The trusted-keys line of the private key at `key` (its .pub file, as the key was made)."""
+    return key.with_name(key.name + ".pub").read_text().strip()
 
 
 def assert_replies_hold_no_data(run_dir: Path, dataset_root: Path, evaluation: bool) -> None:

@@ -18,6 +18,7 @@ import pytest
 
 from agent.config import (
     AgentConfig,
+    ChecksSection,
     ControlSection,
     CoordinatorSection,
     IdleSection,
@@ -34,13 +35,13 @@ from hardware.feetech_emulator import EmulatedBus
 from hardware.so_arm import MOTOR_NAMES
 
 from arm_bench import RANGE, waving_hand, write_calibration, write_video
-from helpers import deliver_model
+from helpers import deliver_model, public_key_line
 from processes import Followed, NotifySocket
 
 TORQUE_OFF = [(6, 0), (5, 0), (4, 0), (3, 0), (2, 0), (1, 0)]  # gripper first, shoulder_pan last
 
 
-def write_config(directory, rate_hz: float = 15.0) -> None:
+def write_config(directory, trusted_key: str, rate_hz: float = 15.0) -> None:
     camera = CameraSettings("front.mp4", width=64, height=48, fps=30)
     write_toml(
         directory / "agent.toml",
@@ -60,17 +61,18 @@ def write_config(directory, rate_hz: float = 15.0) -> None:
             coordinator=CoordinatorSection(superlink=f"127.0.0.1:{free_port()}", supernode_port=free_port()),
             idle=IdleSection(min_new_episodes=1000),
             control=ControlSection(rate_hz=rate_hz),
+            checks=ChecksSection(trusted_keys=[trusted_key]),
         ),
     )
 
 
-def test_agent_on_an_arm(tmp_path):
+def test_agent_on_an_arm(tmp_path, lab_key):
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     from fedbot.presets import get_preset
     from fedbot.training import train
 
-    write_config(tmp_path)
+    write_config(tmp_path, public_key_line(lab_key))
     write_calibration(tmp_path / "calibration", "arm")
     write_calibration(tmp_path / "calibration", "arm-leader")
     write_video(tmp_path / "front.mp4", seconds=2.0)
@@ -116,7 +118,7 @@ def test_agent_on_an_arm(tmp_path):
         # A policy trained on this arm's data is checked against the arm's features, swapped in and run.
         policy = train(dataset_root, get_preset("so-arm-image"), 1, tmp_path / "train", show_progress=False)
         inbox = tmp_path / "data" / "models" / "inbox"
-        deliver_model(policy, inbox, "round_0001-arm", 1)
+        deliver_model(policy, inbox, "round_0001-arm", lab_key, 1)
         agent.wait_for(r"model round_0001-arm is live", timeout=120)
         start = len(follower.goals)
         result = request(sock, "run", episodes=1)
@@ -142,7 +144,7 @@ def test_agent_on_an_arm(tmp_path):
         shutil.copytree(policy, slow)
         config = json.loads((slow / "config.json").read_text())
         (slow / "config.json").write_text(json.dumps({**config, "num_inference_steps": 100}))
-        deliver_model(slow, inbox, "round_0002-slow", 2)
+        deliver_model(slow, inbox, "round_0002-slow", lab_key, 2)
         agent.wait_for(r"model round_0002-slow is live", timeout=120)
         before = request(sock, "status")["control"]
         assert request(sock, "run", episodes=1)["error"] is None

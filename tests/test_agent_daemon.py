@@ -12,9 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from test_agent_models import _flip_bytes, _nan, _truncate, _wrong_shape
+from test_agent_models import _flip_bytes, _nan, _truncate, _unsign, _wrong_shape
 
-from agent.config import AgentConfig, ControlSection, CoordinatorSection, IdleSection
+from agent.config import AgentConfig, ChecksSection, ControlSection, CoordinatorSection, IdleSection
 from agent.federation import within_hours
 from agent.main import main as agent_main
 from fedbot.control_client import request
@@ -23,11 +23,11 @@ from fedbot.flower_processes import BIN, free_port
 from fedbot.process_group import signal_group
 from fedbot.typed_config import write_toml
 
-from helpers import deliver_model
+from helpers import deliver_model, public_key_line
 from processes import Followed, NotifySocket, group_alive
 
 
-def write_config(directory: Path, superlink_port: int) -> Path:
+def write_config(directory: Path, superlink_port: int, trusted_key: str) -> Path:
     config = AgentConfig(
         robot_id="robot-test",
         data_dir=Path("data"),
@@ -35,6 +35,7 @@ def write_config(directory: Path, superlink_port: int) -> Path:
         coordinator=CoordinatorSection(superlink=f"127.0.0.1:{superlink_port}", supernode_port=free_port()),
         idle=IdleSection(cooldown_seconds=0.0),
         control=ControlSection(rate_hz=30.0),
+        checks=ChecksSection(trusted_keys=[trusted_key]),
     )
     write_toml(directory / "agent.toml", config)
     return directory / "agent.toml"
@@ -110,8 +111,9 @@ def test_unusable_data_dir_is_a_clear_error(tmp_path, capsys):
     assert not (tmp_path / "agent.sock").exists()
 
 
-def test_agent_life(tmp_path, untrained_policy):
-    write_config(tmp_path, superlink_port=free_port())  # nothing listens there: coordinator unreachable
+def test_agent_life(tmp_path, untrained_policy, lab_key):
+    # nothing listens on the SuperLink port: the coordinator is unreachable
+    write_config(tmp_path, superlink_port=free_port(), trusted_key=public_key_line(lab_key))
     sock = tmp_path / "agent.sock"
     inbox = tmp_path / "data" / "models" / "inbox"
     notify = NotifySocket(tmp_path / "notify")
@@ -130,16 +132,19 @@ def test_agent_life(tmp_path, untrained_policy):
         assert status["federation"]["supernode-pid"] is not None and status["episodes"] == 2
 
         # Checked hot-swaps through the inbox; damaged models are rejected, the live one stays.
-        deliver_model(untrained_policy, inbox, "round_0001-a", 1)
+        deliver_model(untrained_policy, inbox, "round_0001-a", lab_key, 1)
         agent.wait_for(r"model round_0001-a is live", timeout=120)
-        for damage in (_flip_bytes, _truncate, _nan, _wrong_shape):
-            deliver_model(untrained_policy, inbox, f"bad{damage.__name__}", 2, edit=damage)
+        for damage in (_flip_bytes, _unsign):  # changed on the way: the signature check refuses them
+            deliver_model(untrained_policy, inbox, f"bad{damage.__name__}", lab_key, 2, tamper=damage)
+            agent.wait_for(rf"model bad{damage.__name__} rejected: not trusted", timeout=120)
+        for damage in (_truncate, _nan, _wrong_shape):  # broken before signing: the later checks refuse them
+            deliver_model(untrained_policy, inbox, f"bad{damage.__name__}", lab_key, 2, edit=damage)
             agent.wait_for(rf"model bad{damage.__name__} rejected", timeout=120)
-        deliver_model(untrained_policy, inbox, "round_0002-b", 2)
+        deliver_model(untrained_policy, inbox, "round_0002-b", lab_key, 2)
         agent.wait_for(r"model round_0002-b is live", timeout=120)
         status = request(sock, "status")
         assert status["live-model"]["name"] == "round_0002-b"
-        assert len(status["rejected"]) == 4 and status["last-swap"]["model"] == "round_0002-b"
+        assert len(status["rejected"]) == 5 and status["last-swap"]["model"] == "round_0002-b"
         assert request(sock, "rollback") == {"live": "round_0001-a"}
         assert "round_0002-b" not in fedbot(tmp_path, "models")
 
@@ -155,7 +160,7 @@ def test_agent_life(tmp_path, untrained_policy):
         (inbox / ".incoming-round_0009-x" / "model.safetensors").write_bytes(b"half")
         agent.wait_for(r"state: idle -> federating", timeout=60)
         old_supernode = request(sock, "status")["federation"]["supernode-pid"]
-        deliver_model(untrained_policy, inbox, "round_0003-c", 3)
+        deliver_model(untrained_policy, inbox, "round_0003-c", lab_key, 3)
         agent.wait_for(r"new model round_0003-c: checking", timeout=60)
         os.kill(agent.process.pid, signal.SIGKILL)
         agent.wait(timeout=60)

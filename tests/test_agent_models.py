@@ -9,20 +9,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from agent.model_store import CheckRules, ModelRejected, ModelStore, check_model
-from fedbot.model_manifest import MANIFEST, WEIGHTS, sha256_file
+from fedbot.model_manifest import SIGNATURE, WEIGHTS, generate_key, parse_public_key
 from hardware.pusht_sim import PushTSim, PushTSimConfig
 
-from helpers import deliver_model
+from helpers import deliver_model, public_key_line
 
 ROBOT = PushTSim(PushTSimConfig(id="check"))
 FEATURES = {**ROBOT.observation_features, **ROBOT.action_features}
 
 
-def _rehash(directory):
-    """Make the manifest agree with the (edited) weights, as a buggy but honest sender would."""
-    manifest = json.loads((directory / MANIFEST).read_text())
-    manifest["sha256"] = sha256_file(directory / WEIGHTS)
-    (directory / MANIFEST).write_text(json.dumps(manifest))
+def rules(key) -> CheckRules:
+    return CheckRules(trusted_keys=(parse_public_key(public_key_line(key)),), device="cpu")
 
 
 def _flip_bytes(directory):
@@ -34,7 +31,6 @@ def _flip_bytes(directory):
 def _truncate(directory):
     data = (directory / WEIGHTS).read_bytes()
     (directory / WEIGHTS).write_bytes(data[: len(data) // 3])
-    _rehash(directory)
 
 
 def _nan(directory):
@@ -42,7 +38,6 @@ def _nan(directory):
     name = sorted(weights)[0]
     weights[name] = torch.full_like(weights[name], float("nan"))
     save_file(weights, directory / WEIGHTS)
-    _rehash(directory)
 
 
 def _wrong_shape(directory):
@@ -50,51 +45,83 @@ def _wrong_shape(directory):
     name = next(n for n, t in weights.items() if t.ndim == 2)
     weights[name] = torch.zeros(weights[name].shape[0] + 1, weights[name].shape[1])
     save_file(weights, directory / WEIGHTS)
-    _rehash(directory)
 
 
-def _no_manifest(directory):
-    (directory / MANIFEST).unlink()
+def _unsign(directory):
+    (directory / SIGNATURE).unlink()
+
+
+def _code_in_processor(marker):
+    def plant(directory):
+        pipeline = json.loads((directory / "policy_preprocessor.json").read_text())
+        pipeline["steps"].insert(0, {"class": "subprocess.Popen", "config": {"args": ["touch", str(marker)]}})
+        (directory / "policy_preprocessor.json").write_text(json.dumps(pipeline))
+
+    return plant
 
 
 @pytest.mark.parametrize(
-    "damage, reason",
+    "edit, tamper, reason",
     [
-        (_flip_bytes, "hashes to"),
-        (_truncate, "does not load"),
-        (_nan, "NaN or inf"),
-        (_wrong_shape, "does not load"),
-        (_no_manifest, "no manifest.json"),
+        (None, _flip_bytes, "not trusted: model.safetensors does not match its signed sha256"),
+        (None, _unsign, "not trusted: no manifest.sig: the model is not signed"),
+        (_truncate, None, "does not load"),  # a broken model its signer vouches for
+        (_nan, None, "NaN or inf"),
+        (_wrong_shape, None, "does not load"),
     ],
 )
-def test_damaged_models_are_rejected_with_the_reason(untrained_policy, tmp_path, damage, reason):
-    model = deliver_model(untrained_policy, tmp_path / "inbox", "bad", edit=damage)
+def test_damaged_models_are_rejected_with_the_reason(untrained_policy, tmp_path, lab_key, edit, tamper, reason):
+    model = deliver_model(untrained_policy, tmp_path / "inbox", "bad", lab_key, edit=edit, tamper=tamper)
     with pytest.raises(ModelRejected, match=reason):
+        check_model(model, FEATURES, rules(lab_key))
+
+
+def test_a_model_naming_code_to_run_is_rejected_and_the_code_never_runs(untrained_policy, tmp_path, lab_key):
+    """Signed by a trusted key or not, a processor step that names a callable is refused unrun."""
+    marker = tmp_path / "marker"
+    signed = deliver_model(untrained_policy, tmp_path / "inbox", "signed", lab_key, edit=_code_in_processor(marker))
+    with pytest.raises(ModelRejected, match="does not load: PolicyFormatError: policy_preprocessor.json"):
+        check_model(signed, FEATURES, rules(lab_key))
+    unsigned = deliver_model(
+        untrained_policy, tmp_path / "inbox", "unsigned", lab_key, tamper=_code_in_processor(marker)
+    )
+    with pytest.raises(ModelRejected, match="not trusted: policy_preprocessor.json does not match"):
+        check_model(unsigned, FEATURES, rules(lab_key))
+    assert not marker.exists()
+
+
+def test_a_model_signed_by_a_key_the_robot_does_not_trust_is_rejected(untrained_policy, tmp_path, lab_key):
+    stranger = tmp_path / "stranger.key"
+    generate_key(stranger, "stranger")
+    model = deliver_model(untrained_policy, tmp_path / "inbox", "strange", stranger)
+    with pytest.raises(ModelRejected, match="not trusted: signed by key .* which this robot does not trust"):
+        check_model(model, FEATURES, rules(lab_key))
+    with pytest.raises(ModelRejected, match="trusts no signing key"):
         check_model(model, FEATURES, CheckRules(device="cpu"))
 
 
-def test_a_sound_model_passes_and_loads(untrained_policy, tmp_path):
-    model = deliver_model(untrained_policy, tmp_path / "inbox", "good")
-    loaded = check_model(model, FEATURES, CheckRules(device="cpu"))
+def test_a_sound_model_passes_and_loads(untrained_policy, tmp_path, lab_key):
+    model = deliver_model(untrained_policy, tmp_path / "inbox", "good", lab_key)
+    loaded = check_model(model, FEATURES, rules(lab_key))
     assert loaded.policy.config.input_features.keys() == {"observation.state", "observation.environment_state"}
 
 
-def test_a_model_for_another_robot_is_rejected(untrained_policy, tmp_path):
-    model = deliver_model(untrained_policy, tmp_path / "inbox", "pusht")
+def test_a_model_for_another_robot_is_rejected(untrained_policy, tmp_path, lab_key):
+    model = deliver_model(untrained_policy, tmp_path / "inbox", "pusht", lab_key)
     arm = {**FEATURES, "observation.state": (6,)}  # six joints, not PushT's x, y
     with pytest.raises(ModelRejected, match="does not fit this robot: 'observation.state' has shape"):
-        check_model(model, arm, CheckRules(device="cpu"))
+        check_model(model, arm, rules(lab_key))
     no_keypoints = {k: v for k, v in FEATURES.items() if k != "observation.environment_state"}
     with pytest.raises(ModelRejected, match="needs 'observation.environment_state'"):
-        check_model(model, no_keypoints, CheckRules(device="cpu"))
+        check_model(model, no_keypoints, rules(lab_key))
 
 
-def test_store_history_rollback_and_pruning(untrained_policy, tmp_path):
+def test_store_history_rollback_and_pruning(untrained_policy, tmp_path, lab_key):
     store = ModelStore(tmp_path / "models", keep=2)
     names = []
     for i in range(3):
         names.append(f"round_{i}")
-        model = deliver_model(untrained_policy, store.inbox, names[-1], round_number=i)
+        model = deliver_model(untrained_policy, store.inbox, names[-1], lab_key, round_number=i)
         assert store.pending() == [model]
         store.went_live(store.accept(model))
     assert store.live().name == "round_2" and store.previous().name == "round_1"
@@ -104,7 +131,7 @@ def test_store_history_rollback_and_pruning(untrained_policy, tmp_path):
     assert store.live().name == "round_1" and store.previous() is None
     assert not (store.store / "round_2").exists()
 
-    bad = deliver_model(untrained_policy, store.inbox, "bad", edit=_nan)
+    bad = deliver_model(untrained_policy, store.inbox, "bad", lab_key, edit=_nan)
     store.reject(bad, "NaN")
     assert store.rejections() == [{"name": "bad", "reason": "NaN"}]
     assert store.pending() == []
@@ -116,7 +143,7 @@ def test_models_being_written_are_not_pending(untrained_policy, tmp_path):
     assert store.pending() == []
 
 
-def test_sim_gate_compares_with_the_live_model(untrained_policy, tmp_path):
+def test_sim_gate_compares_with_the_live_model(untrained_policy, tmp_path, lab_key):
     """A negative tolerance demands that a candidate beat the live model: two equal untrained
     policies then fail the gate, with the reason; a gate with no live model passes."""
     from agent.config import AgentConfig, ChecksSection
@@ -130,7 +157,7 @@ def test_sim_gate_compares_with_the_live_model(untrained_policy, tmp_path):
         checks=ChecksSection(sim_gate_episodes=1, sim_gate_tolerance=-0.5),
     )
     agent = Agent(config)
-    first = agent.models.accept(deliver_model(untrained_policy, agent.models.inbox, "first"))
+    first = agent.models.accept(deliver_model(untrained_policy, agent.models.inbox, "first", lab_key))
     agent.updates.sim_gate("first", load_policy(first, "cpu"))  # nothing live yet: passes
     agent.models.went_live(first)
     with pytest.raises(ModelRejected, match=r"sim gate: success 0% on 1 scenes, the live model has 0%"):

@@ -1,4 +1,4 @@
-"""`fedbot-coordinator`: credentials, and clear errors for settings that cannot work."""
+"""`fedbot-coordinator` credentials, robots' own keys, and clear errors for settings that cannot work."""
 
 import stat
 import subprocess
@@ -18,11 +18,9 @@ def coordinator(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "fedbot-coordinator"), *args], capture_output=True, text=True, timeout=120)
 
 
-def test_credentials_make_a_ca_signed_server_certificate_and_robot_keys(tmp_path):
+def test_credentials_make_a_ca_signed_server_certificate_and_keep_the_ca(tmp_path):
     out = tmp_path / "tls"
-    result = coordinator(
-        "credentials", "--out", str(out), "--host", "127.0.0.1", "--host", "lab.local", "--robot", "robot0"
-    )
+    result = coordinator("credentials", "--out", str(out), "--host", "127.0.0.1", "--host", "lab.local")
     assert result.returncode == 0, result.stderr
     ca = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
     server = x509.load_pem_x509_certificate((out / "server.pem").read_bytes())
@@ -30,16 +28,29 @@ def test_credentials_make_a_ca_signed_server_certificate_and_robot_keys(tmp_path
     names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
     assert names.get_values_for_type(x509.DNSName) == ["lab.local", "localhost"]  # the SuperLink behind the gateway
-    private = out / "robots" / "robot0"
-    key = load_ssh_private_key(private.read_bytes(), password=None)
-    assert key.public_key() == load_ssh_public_key((out / "robots" / "robot0.pub").read_bytes())
-    assert stat.S_IMODE(private.stat().st_mode) == 0o600 and stat.S_IMODE((out / "ca.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((out / "ca.key").stat().st_mode) == 0o600
+    assert sorted(p.name for p in out.iterdir()) == ["ca.crt", "ca.key", "server.key", "server.pem"]  # no robot keys
 
-    # Again, for a new robot: the CA and robot0's key (registered already) stay as they are.
-    before = (out / "ca.crt").read_bytes(), private.read_bytes()
-    assert coordinator("credentials", "--out", str(out), "--host", "127.0.0.1", "--robot", "robot1").returncode == 0
-    assert ((out / "ca.crt").read_bytes(), private.read_bytes()) == before
-    assert (out / "robots" / "robot1.pub").exists()
+    before = (out / "ca.crt").read_bytes()  # again, for another host: the CA stays as it is
+    assert coordinator("credentials", "--out", str(out), "--host", "lab2.local").returncode == 0
+    assert (out / "ca.crt").read_bytes() == before
+
+
+def test_a_robot_makes_its_own_key_and_only_the_public_half_leaves_it(tmp_path):
+    config = tmp_path / "agent.toml"
+    config.write_text('robot-id = "robot1"\n[coordinator]\nauth-key = "keys/supernode"\n')
+    result = subprocess.run(
+        [str(BIN / "fedbot-agent"), "--config", str(config), "--keygen"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    private, public = tmp_path / "keys" / "supernode", tmp_path / "keys" / "supernode.pub"
+    key = load_ssh_private_key(private.read_bytes(), password=None)
+    assert key.public_key() == load_ssh_public_key(public.read_bytes())
+    assert result.stdout == public.read_text()  # what the operator copies to the lab server
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    before = private.read_bytes()  # a second keygen keeps the registered key
+    subprocess.run([str(BIN / "fedbot-agent"), "--config", str(config), "--keygen"], check=True, timeout=120)
+    assert private.read_bytes() == before
 
 
 def test_settings_that_cannot_work_are_refused_with_the_reason(tmp_path):

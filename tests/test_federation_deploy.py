@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.supernode import SuperNodeSettings
-from coordinator.credentials import ensure_robot_key, make_server_certificate
+from agent.supernode import SuperNodeSettings, ensure_auth_key
+from coordinator.credentials import make_server_certificate
 from fedbot.flower_processes import BIN, PROJECT, free_port
 from fedbot.run_config import RunConfig
 from fedbot.typed_config import changed_keys
@@ -128,7 +128,10 @@ def test_production_run_survives_a_dead_robot_and_a_dead_coordinator(lab, tmp_pa
     the coordinator SIGKILLed after round 1 and restarted, and an audit of every reply."""
     tls = tmp_path / "tls"
     make_server_certificate(tls, ["127.0.0.1"])
-    keys = {name: ensure_robot_key(tls, name) for name in ("robot0", "robot1", "robot2", "stranger")}
+    # each robot makes its own key (fedbot-agent --keygen); only the public halves reach the coordinator
+    keys = {
+        name: ensure_auth_key(tmp_path / name / "supernode.key") for name in ("robot0", "robot1", "robot2", "stranger")
+    }
     secure = ["--tls", str(tls), "--auth", "--register", *(str(keys[f"robot{i}"]) for i in range(3))]
     # robot evaluation: test_federation_sim. float16: weights out, updates back, float32 global model
     run_config = replace(TINY_RUN, strategy="fedadam", fraction_evaluate=0.0, weights_dtype="float16")
