@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -27,11 +28,11 @@ import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from agent.config import AgentConfig, ControlSection, CoordinatorSection  # noqa: E402
+from agent.config import AgentConfig, ChecksSection, ControlSection, CoordinatorSection  # noqa: E402
 from agent.daemon import Agent  # noqa: E402
 from agent.inbox import write_to_inbox  # noqa: E402
 from bench.common import expert_dataset, machine  # noqa: E402
-from fedbot.model_manifest import WEIGHTS, sha256_file  # noqa: E402
+from fedbot.model_manifest import generate_key, load_private_key, sign_model_dir  # noqa: E402
 from fedbot.policy_io import load_policy, save_policy  # noqa: E402
 from fedbot.presets import get_preset  # noqa: E402
 from fedbot.training import train  # noqa: E402
@@ -44,9 +45,15 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def stage(staging: Path, loaded, round_number: int, sha: str) -> Path:
-    """A model written the way the ClientApp's deploy writes it (before the clock runs)."""
-    return write_to_inbox(staging, loaded, {"round": round_number, "sha256": sha, "time": time.time()})
+def stage(staging: Path, reference: Path, key, round_number: int) -> Path:
+    """A model signed as the coordinator signs it and written the way the ClientApp's deploy writes
+    it (before the clock runs)."""
+    signed = staging / f"signed-{round_number}"
+    shutil.copytree(reference, signed)
+    sign_model_dir(signed, key, {"round": round_number, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    files = {path.name: path.read_bytes() for path in signed.iterdir()}
+    shutil.rmtree(signed)
+    return write_to_inbox(staging, round_number, files)
 
 
 def deliver(agent: Agent, staged: Path) -> str:
@@ -74,9 +81,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-swap-"))
     dataset = expert_dataset(work / "demos", 2)
     policy_dir = train(dataset, get_preset("pusht-state"), 0, work / "train", show_progress=False)
-    loaded = load_policy(policy_dir, "cpu")
-    save_policy(work / "reference", loaded)
-    sha = sha256_file(work / "reference" / WEIGHTS)
+    save_policy(work / "reference", load_policy(policy_dir, "cpu"))
+    public = generate_key(work / "signing.key", "bench")
 
     config = AgentConfig(
         robot_id="bench",
@@ -84,8 +90,10 @@ def main() -> None:
         socket=work / "agent.sock",
         coordinator=CoordinatorSection(superlink="127.0.0.1:1"),
         control=ControlSection(rate_hz=args.rate, device="cpu", inference_threads=args.threads),
+        checks=ChecksSection(trusted_keys=[public]),
     )
-    staged = [stage(work / "staging", loaded, i, sha) for i in range(args.swaps + 1)]
+    key = load_private_key(work / "signing.key")
+    staged = [stage(work / "staging", work / "reference", key, i) for i in range(args.swaps + 1)]
     agent = Agent(config)
     agent.start()
     try:

@@ -122,6 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", parents=[agent], help="the agent's kept models (live marked) and rejected ones")
     sub.add_parser("rollback", parents=[agent], help="make the previously live model live again")
 
+    sign = sub.add_parser(
+        "sign-model",
+        help="sign a saved policy for hand delivery (robots must trust the key)",
+        description="Writes manifest.json and manifest.sig into MODEL, a saved policy directory, signed with "
+        "an operator's Ed25519 key. Robots take it once its public line is in their [checks] trusted-keys: "
+        "copy it into the robot's inbox under a hidden name, then `mv` it to its final name.",
+    )
+    sign.add_argument("model", type=Path, help="a saved policy directory (config.json, model.safetensors, ...)")
+    sign.add_argument("--key", type=Path, required=True, help="the operator's private key")
+    sign.add_argument("--new-key", action="store_true", help="make the key first if it does not exist")
+    sign.add_argument("--round", type=_non_negative, default=0, help="the round recorded in the manifest")
+
     hw = sub.add_parser("hardware", help="check the robot's devices").add_subparsers(dest="action", required=True)
     check = hw.add_parser(
         "check",
@@ -274,6 +286,23 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_sign_model(args) -> int:
+    from datetime import datetime
+
+    from fedbot.model_manifest import generate_key, load_private_key, public_line, sign_model_dir
+    from fedbot.policy_io import load_policy
+
+    if args.new_key:
+        generate_key(args.key, "operator")
+    key = load_private_key(args.key)
+    load_policy(args.model, "cpu")  # what a robot will load: refuse to vouch for a directory it cannot
+    fields = {"round": args.round, "created": datetime.now().isoformat(timespec="seconds"), "signed-by": "operator"}
+    manifest = sign_model_dir(args.model, key, fields)
+    console.print(f"signed {len(manifest['files'])} files of {args.model}; robots that trust this key take it:")
+    console.print(public_line(key, "operator"), soft_wrap=True)
+    return 0
+
+
 def cmd_hardware(args) -> int:
     from agent.config import load_config
     from hardware.check import check_hardware
@@ -311,7 +340,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    handlers = {"record": cmd_record, "train": cmd_train, "eval": cmd_eval, "sim": cmd_sim, "hardware": cmd_hardware}
+    handlers = {
+        "record": cmd_record,
+        "train": cmd_train,
+        "eval": cmd_eval,
+        "sim": cmd_sim,
+        "hardware": cmd_hardware,
+        "sign-model": cmd_sign_model,
+    }
     handlers.update(
         {
             name: lambda a, name=name: _agent_command(a, name, episodes=getattr(a, "episodes", None))

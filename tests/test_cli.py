@@ -73,3 +73,27 @@ def test_help_names_every_style_and_preset(capsys):
             main([command, "--help"])
         help_text = " ".join(capsys.readouterr().out.split())
         assert all(name in help_text for name in names), (command, help_text)
+
+
+def test_an_operator_signs_a_model_for_hand_delivery(tmp_path, capsys, untrained_policy):
+    """`fedbot sign-model`: robots that trust the operator's key take the model, others refuse it."""
+    import shutil
+
+    from agent.model_store import CheckRules, ModelRejected, check_model
+    from fedbot.model_manifest import parse_public_key
+    from hardware.pusht_sim import PushTSim, PushTSimConfig
+
+    model, key = tmp_path / "handmade", tmp_path / "operator.key"
+    shutil.copytree(untrained_policy, model)
+    code, err = run_in_process(capsys, "sign-model", model, "--key", key, "--new-key", "--round", 7)
+    assert code == 0, err
+    trusted = parse_public_key(key.with_name("operator.key.pub").read_text())
+    robot = PushTSim(PushTSimConfig(id="r"))
+    features = {**robot.observation_features, **robot.action_features}
+    check_model(model, features, CheckRules(trusted_keys=(trusted,), device="cpu"))
+    stranger = tmp_path / "stranger.key"
+    assert run_in_process(capsys, "sign-model", model, "--key", stranger, "--new-key")[0] == 0  # re-signed
+    with pytest.raises(ModelRejected, match="does not trust"):
+        check_model(model, features, CheckRules(trusted_keys=(trusted,), device="cpu"))
+    code, err = run_in_process(capsys, "sign-model", tmp_path / "not-a-model", "--key", key)
+    assert code == 2 and "config.json is missing" in err  # nobody vouches for what a robot cannot load
