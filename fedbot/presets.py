@@ -131,6 +131,7 @@ PRESETS: dict[str, Preset] = {
             noise_scheduler_type="DDIM",
             num_inference_steps=10,  # 38-40 ms per chunk on one core; 6 or 8 steps lost coverage (BENCHMARKS.md)
         ),
+        ema_power=0.75,  # the Diffusion Policy paper's EMA; it learned much faster per sample (BENCHMARKS.md)
     ),
     "so-arm-image": Preset(
         name="so-arm-image",
