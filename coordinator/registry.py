@@ -154,8 +154,18 @@ class RunDirectory:
         rows = self.metrics()
         fig, (loss_ax, success_ax) = plt.subplots(1, 2, figsize=(10, 4))
         loss_rows = [r for r in rows if r.get("train-loss") is not None]
-        loss_ax.plot([r["round"] for r in loss_rows], [r["train-loss"] for r in loss_rows], marker="o")
-        loss_ax.set(xlabel="round", ylabel="aggregated train loss", title="training")
+        loss_ax.plot([r["round"] for r in loss_rows], [r["train-loss"] for r in loss_rows], marker="o", label="all")
+        robots = sorted({robot["node"] for r in rows for robot in r.get("per-robot", [])})
+        for node in robots:  # each robot's own loss: whose data the model fits, and whose not
+            points = [
+                (r["round"], robot["train-loss"])
+                for r in rows
+                for robot in r.get("per-robot", [])
+                if robot["node"] == node and "train-loss" in robot
+            ]
+            loss_ax.plot(*zip(*points, strict=True), linestyle="--", linewidth=0.8, label=f"node {node}")
+        loss_ax.set(xlabel="round", ylabel="train loss", title="training")
+        loss_ax.legend(fontsize=7)
         for key, label in (("server-success-rate", "server (sim)"), ("client-success-rate", "robots")):
             points = [r for r in rows if r.get(key) is not None]
             success_ax.plot([r["round"] for r in points], [r[key] for r in points], marker="o", label=label)

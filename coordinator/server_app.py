@@ -22,7 +22,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -70,6 +70,7 @@ class RunState:
     stats_record: ArrayRecord  # the global normalization statistics, sent with every model
     strategy: Strategy
     evaluated: bool  # whether the simulator can run the policy: rounds are evaluated
+    refused: set[int] = field(default_factory=set)  # nodes whose features differ from the run's
 
     @classmethod
     def of(
@@ -157,9 +158,10 @@ def start_or_resume(grid: Grid, run: RunConfig, directory: RunDirectory) -> tupl
     statistics that model carries and the strategy's saved state."""
     resumed = directory.latest_model()
     if resumed is None:
-        stats, features = federated_stats(grid, run, directory)
+        stats, features, refused = federated_stats(grid, run, directory)
         torch.manual_seed(run.seed)  # the initial global weights
         state = RunState.of(run, directory, policy_from_stats(get_preset(run.preset), features, stats), stats, None)
+        state.refused = refused
         directory.save_model(0, state.loaded, {})
         return state, 0
     last_round, path = resumed
@@ -173,20 +175,42 @@ def start_or_resume(grid: Grid, run: RunConfig, directory: RunDirectory) -> tupl
     return state, last_round
 
 
-def federated_stats(grid: Grid, run: RunConfig, directory: RunDirectory) -> tuple[dict, dict]:
-    """Ask every robot for its dataset summary and aggregate them: global stats and features."""
+def federated_stats(grid: Grid, run: RunConfig, directory: RunDirectory) -> tuple[dict, dict, set[int]]:
+    """Ask every robot for its dataset summary and aggregate them: the global stats, the run's
+    features (those most robots have) and the nodes refused because theirs differ, by name."""
     nodes = wait_for_nodes(grid, run.min_nodes, run.robot_wait_seconds)
     config = RecordDict({"config": ConfigRecord({"preset": run.preset})})
     replies, _ = exchange(grid, messages_to(nodes, config, "query.stats"), run, "statistics", directory)
     if not replies:
         raise RuntimeError("no robot sent its statistics; the run cannot start")
-    features = json.loads(replies[0].content["info"]["features"])
+    declared = [json.loads(reply.content["info"]["features"]) for reply in replies]
+    features = max(declared, key=declared.count)
+    refused = set()
+    for reply, theirs in zip(replies, declared, strict=True):
+        if theirs != features:
+            refused.add(reply.metadata.src_node_id)
+            log.error(
+                "robot %s refused for this run: its features differ from the run's: %s",
+                reply.content["info"]["robot"],
+                feature_difference(features, theirs),
+            )
+    accepted = [reply for reply in replies if reply.metadata.src_node_id not in refused]
+    stats = aggregate_node_stats([record_to_stats(r.content["stats"]) for r in accepted])
+    robots = {r.content["info"]["robot"]: r.content["info"]["frames"] for r in accepted}
+    log.info("global statistics from %d robots (frames: %s)", len(accepted), robots)
     for feature in features.values():
         feature["shape"] = tuple(feature["shape"])
-    stats = aggregate_node_stats([record_to_stats(r.content["stats"]) for r in replies])
-    robots = {r.content["info"]["robot"]: r.content["info"]["frames"] for r in replies}
-    log.info("global statistics from %d robots (frames: %s)", len(replies), robots)
-    return stats, features
+    return stats, features, refused
+
+
+def feature_difference(run: dict, robot: dict) -> str:
+    """What a robot's features have that the run's do not, and the other way round, by key."""
+    parts = [
+        f"{key}: run {run.get(key)}, robot {robot.get(key)}"
+        for key in sorted(set(run) | set(robot))
+        if run.get(key) != robot.get(key)
+    ]
+    return "; ".join(parts)
 
 
 def loaded_stats(loaded: LoadedPolicy) -> dict:
@@ -248,8 +272,9 @@ def train(grid: Grid, state: RunState, server_round: int, min_robots: int) -> di
     global model. Returns the round's metrics row so far."""
     run, strategy = state.run, state.strategy
     fit_to_live_nodes(strategy, run, wait_for_nodes(grid, min_robots, run.robot_wait_seconds))
+    configured = strategy.configure_train(server_round, state.arrays, ConfigRecord(), grid)
     messages = for_transfer(
-        strategy.configure_train(server_round, state.arrays, ConfigRecord(), grid), run, state.stats_record
+        [m for m in configured if m.metadata.dst_node_id not in state.refused], run, state.stats_record
     )
     sent = sum(m.content["arrays"].count_bytes() for m in messages)
     log.info("round %d: training on %d robots", server_round, len(messages))
@@ -345,7 +370,8 @@ def evaluate_round(grid: Grid, state: RunState, server_round: int) -> dict:
     )
     result = {"server-success-rate": report.success_rate, "server-mean-max-coverage": report.mean_max_coverage}
     fit_to_live_nodes(strategy, run, wait_for_nodes(grid, 1, run.robot_wait_seconds))
-    messages = strategy.configure_evaluate(server_round, state.published(), ConfigRecord(), grid)
+    configured = strategy.configure_evaluate(server_round, state.published(), ConfigRecord(), grid)
+    messages = [m for m in configured if m.metadata.dst_node_id not in state.refused]
     if messages:
         messages = for_transfer(messages, run, state.stats_record)
         replies, _ = exchange(grid, messages, run, f"round {server_round} evaluation", state.directory)
@@ -375,7 +401,8 @@ def deploy(grid: Grid, state: RunState) -> None:
     """Send the final global model, its files as signed, to every robot's model inbox."""
     final_round, path = state.directory.latest_model()
     content = RecordDict({"files": files_to_record(path), "config": ConfigRecord({"round": final_round})})
-    messages = messages_to(list(grid.get_node_ids()), content, "query.deploy")
+    nodes = [node for node in grid.get_node_ids() if node not in state.refused]
+    messages = messages_to(nodes, content, "query.deploy")
     replies, _ = exchange(grid, messages, state.run, "deploy", state.directory)
     for reply in replies:
         log.info("deployed round %d to %s", final_round, reply.content["deployed"]["robot"])

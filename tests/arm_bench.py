@@ -28,9 +28,9 @@ def write_calibration(directory: Path, device_id: str) -> Path:
     return path
 
 
-def write_video(path: Path, seconds: float) -> Path:
+def write_video(path: Path, seconds: float, size: tuple[int, int] = CAMERA) -> Path:
     """A camera recording whose frame k is uniformly grey at level 2k (so a frame shows its index)."""
-    height, width = CAMERA
+    height, width = size
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), CAMERA_FPS, (width, height))
     for k in range(int(seconds * CAMERA_FPS)):
         writer.write(np.full((height, width, 3), min(2 * k, 255), np.uint8))
@@ -48,10 +48,10 @@ def waving_hand(t: float) -> dict[int, int]:
     return {i: int(middle + amplitude * math.sin(1.5 * t + i)) for i in range(1, 7)}
 
 
-def record_arm_dataset(directory: Path, root: Path, episodes: int) -> int:
+def record_arm_dataset(directory: Path, root: Path, episodes: int, camera_size: tuple[int, int] = CAMERA) -> int:
     """`episodes` teleop episodes of 0.5 s at 30 Hz (no reset pause) from an emulated follower and
-    leader, with a video-file camera, into a dataset at `root`; the bench lives in `directory`.
-    Returns the dataset's episode count."""
+    leader, with a video-file camera of `camera_size` (height, width), into a dataset at `root`; the
+    bench lives in `directory`. Returns the dataset's episode count."""
     from fedbot.recording import record_session
     from hardware.cameras import CameraSettings
     from hardware.factory import make_robot, make_teleop
@@ -60,8 +60,8 @@ def record_arm_dataset(directory: Path, root: Path, episodes: int) -> int:
     calibration = directory / "calibration"
     write_calibration(calibration, "arm")
     write_calibration(calibration, "arm-leader")
-    video = write_video(directory / "front.mp4", seconds=2.0)
-    camera = CameraSettings(str(video), width=CAMERA[1], height=CAMERA[0], fps=CAMERA_FPS)
+    video = write_video(directory / "front.mp4", seconds=2.0, size=camera_size)
+    camera = CameraSettings(str(video), width=camera_size[1], height=camera_size[0], fps=CAMERA_FPS)
     with EmulatedBus(directory / "follower"), EmulatedBus(directory / "leader", hand=waving_hand):
         arm = make_robot(
             "so101_follower",

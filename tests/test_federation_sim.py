@@ -27,10 +27,10 @@ def superlink(tmp_path):
         yield env
 
 
-def run_on_two_virtual_robots(env: dict, fleet: Path, out: Path, run: RunConfig) -> Path:
-    """`flwr run` of this app on two virtual SuperNodes training on <fleet>/robot<i>; returns the run's
-    directory under `out`. Flower's exit status alone does not show a failed ServerApp: callers check
-    the run's own files."""
+def run_on_virtual_robots(env: dict, fleet: Path, out: Path, run: RunConfig, robots: int = 2) -> tuple[Path, str]:
+    """`flwr run` of this app on `robots` virtual SuperNodes training on <fleet>/robot<i>; returns the
+    run's directory under `out` and what the run printed. Flower's exit status alone does not show a
+    failed ServerApp: callers check the run's own files."""
     run_config = changed_keys(replace(run, sim_data_dir=str(fleet), output_dir=str(out)))
     result = subprocess.run(
         [
@@ -42,7 +42,7 @@ def run_on_two_virtual_robots(env: dict, fleet: Path, out: Path, run: RunConfig)
             "--run-config",
             run_config,
             "--federation-config",
-            "num-supernodes=2 client-resources-num-cpus=1",
+            f"num-supernodes={robots} client-resources-num-cpus=1",
         ],
         cwd=PROJECT,
         env=env,
@@ -52,14 +52,14 @@ def run_on_two_virtual_robots(env: dict, fleet: Path, out: Path, run: RunConfig)
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (run_dir,) = [path for path in out.iterdir() if path.is_dir()]  # beside it: the signing key
-    return run_dir
+    return run_dir, result.stdout
 
 
 def test_two_robots_federate_evaluate_and_receive_the_model(tmp_path, superlink):
     fleet, out = tmp_path / "fleet", tmp_path / "outputs"
     for robot in range(2):
         record_wander(fleet / f"robot{robot}", 2, steps=40, seed_start=10 * robot)
-    run_dir = run_on_two_virtual_robots(
+    run_dir, log = run_on_virtual_robots(
         superlink,
         fleet,
         out,
@@ -114,14 +114,19 @@ def test_arms_federate_without_a_simulator(tmp_path, superlink):
     fleet, out = tmp_path / "fleet", tmp_path / "outputs"
     for robot in range(2):
         assert record_arm_dataset(tmp_path / f"bench{robot}", fleet / f"robot{robot}", 2) == 2
-    run_dir = run_on_two_virtual_robots(
+    # A third arm whose camera gives smaller frames: refused by name, with the difference.
+    assert record_arm_dataset(tmp_path / "bench2", fleet / "robot2", 2, camera_size=(32, 48)) == 2
+    run_dir, log = run_on_virtual_robots(
         superlink,
         fleet,
         out,
         RunConfig(preset="so-arm-image", num_server_rounds=1, local_steps=2, batch_size=4, round_timeout=600.0),
+        robots=3,
     )
     (row,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert row["robots"] == 2 and row["failed"] == 0 and row["train-loss"] > 0
+    assert not (fleet / "robot2-inbox").exists()  # no model for a robot the run refused
+    assert "robot robot2 refused for this run: its features differ from the run's: observation.images.front" in log
     assert not any(key.startswith(("server-", "client-")) for key in row)  # nothing was evaluated
     assert not (run_dir / "evaluate").exists()
     for robot in range(2):
