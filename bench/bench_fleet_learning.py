@@ -39,14 +39,12 @@ from rich.table import Table  # noqa: E402
 
 from bench.common import fleet_datasets, machine, pooled_dataset, wilson  # noqa: E402
 from fedbot.evaluation import evaluate  # noqa: E402
-from fedbot.flower_processes import BIN, simulation_superlink  # noqa: E402
+from fedbot.flower_processes import simulation_run, simulation_superlink  # noqa: E402
 from fedbot.policy_io import load_policy  # noqa: E402
 from fedbot.presets import get_preset  # noqa: E402
 from fedbot.run_config import RunConfig  # noqa: E402
 from fedbot.training import PRETRAINED_MODEL_DIR, train  # noqa: E402
 from fedbot.typed_config import changed_keys  # noqa: E402
-
-PROJECT = Path(__file__).resolve().parents[1]
 
 
 class Results:
@@ -149,18 +147,7 @@ def federate(args, results: Results, data: Path, work: Path, strategy: str, seed
     started = time.monotonic()
     with simulation_superlink(work / "superlink") as env:
         result = subprocess.run(
-            [
-                str(BIN / "flwr"),
-                "run",
-                ".",
-                "sim",
-                "--stream",
-                "--run-config",
-                changed_keys(run),
-                "--federation-config",
-                f"num-supernodes={args.robots} client-resources-num-cpus=2",
-            ],
-            cwd=PROJECT,
+            simulation_run(changed_keys(run), args.robots, cpus_per_robot=2),
             env=env,
             capture_output=True,
             text=True,

@@ -98,3 +98,20 @@ def simulation_superlink(home: Path) -> Iterator[dict[str, str]]:
     finally:
         os.killpg(process.pid, 15)
         process.wait(timeout=60)
+
+
+def simulation_run(run_config: str, robots: int, cpus_per_robot: int) -> list[str]:
+    """`flwr run` of this app on the `sim` connection of a `simulation_superlink`, streaming its log:
+    `robots` virtual SuperNodes, each ClientApp given `cpus_per_robot` cores by Flower's engine."""
+    federation = f"num-supernodes={robots} client-resources-num-cpus={cpus_per_robot}"
+    return [
+        str(BIN / "flwr"),
+        "run",
+        str(PROJECT),
+        "sim",
+        "--stream",
+        "--run-config",
+        run_config,
+        "--federation-config",
+        federation,
+    ]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedbot.flower_processes import BIN, simulation_superlink
+from fedbot.flower_processes import simulation_run, simulation_superlink
 from fedbot.model_manifest import sha256_file
 from fedbot.policy_io import load_policy
 from fedbot.run_config import RunConfig
@@ -16,8 +16,6 @@ from fedbot.typed_config import changed_keys
 
 from arm_bench import record_arm_dataset
 from helpers import assert_replies_hold_no_data, record_wander
-
-PROJECT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -33,18 +31,7 @@ def run_on_virtual_robots(env: dict, fleet: Path, out: Path, run: RunConfig, rob
     failed ServerApp: callers check the run's own files."""
     run_config = changed_keys(replace(run, sim_data_dir=str(fleet), output_dir=str(out)))
     result = subprocess.run(
-        [
-            str(BIN / "flwr"),
-            "run",
-            ".",
-            "sim",
-            "--stream",
-            "--run-config",
-            run_config,
-            "--federation-config",
-            f"num-supernodes={robots} client-resources-num-cpus=1",
-        ],
-        cwd=PROJECT,
+        simulation_run(run_config, robots, cpus_per_robot=1),
         env=env,
         capture_output=True,
         text=True,
