@@ -53,11 +53,11 @@ ROUND_LINE = re.compile(r"round \d+: (training on|\{)|run ended|Traceback|error"
 @dataclass(frozen=True)
 class FleetSettings:
     robots: int = 2
-    episodes: int = 8  # demonstrations each robot records
-    rounds: int = 2
-    local_steps: int = 100
+    episodes: int = 16  # demonstrations each robot records
+    rounds: int = 4
+    local_steps: int = 250
     policy_episodes: int = 3  # episodes each robot runs with its live model at the end
-    eval_episodes: int = 2  # server-side evaluation per round
+    eval_episodes: int = 10  # held-out scenes of the server-side evaluation after each round (the same each round)
     split_scenes: bool = False  # robot i records only scene part i of `robots` (non-IID scenes)
     out: Path = Path("outputs")
 

@@ -150,16 +150,21 @@ def build_parser() -> argparse.ArgumentParser:
         "deployment engine: record, federate, deploy, hot-swap, run the policy.",
     )
     sim.add_argument("--robots", type=_positive, default=2, help="simulated robots (agents)")
-    sim.add_argument("--episodes", type=_positive, default=8, help="demonstrations each robot records")
-    sim.add_argument("--rounds", type=_positive, default=2, help="federated rounds")
-    sim.add_argument("--local-steps", type=_positive, default=100, help="training steps per robot per round")
+    sim.add_argument("--episodes", type=_positive, default=16, help="demonstrations each robot records")
+    sim.add_argument("--rounds", type=_positive, default=4, help="federated rounds")
+    sim.add_argument("--local-steps", type=_positive, default=250, help="training steps per robot per round")
     sim.add_argument(
         "--policy-episodes",
         type=_non_negative,
         default=3,
         help="episodes each robot runs with the deployed model at the end (0: none)",
     )
-    sim.add_argument("--eval-episodes", type=_positive, default=2, help="server-side evaluation episodes per round")
+    sim.add_argument(
+        "--eval-episodes",
+        type=_positive,
+        default=10,
+        help="held-out scenes the global model is evaluated on after each round (the same each round)",
+    )
     sim.add_argument(
         "--split-scenes",
         action="store_true",
