@@ -13,12 +13,13 @@ same recipe (the preset's) and the same compute:
 Every model at each budget of `--budgets` (in rounds) is evaluated on `--eval` held-out seeds
 (>= 100000, the whole scene distribution); local models also on their own robot's scene part.
 Each finished point is appended to `<work>/results.jsonl` and a run is resumed from its last
-checkpoint, so the bench can be stopped and started again with the same arguments. Prints a table
-with 95% Wilson intervals and writes `<work>/fleet_learning.png`.
+checkpoint, so the bench can be stopped and started again with the same arguments; `--upto R`
+pauses every arm after R rounds (the schedules still span `--rounds`), so the early budgets of all
+arms come first. Prints a table with 95% Wilson intervals and writes `<work>/fleet_learning.png`.
 
     .venv/bin/python bench/bench_fleet_learning.py [--robots 4] [--episodes 25] [--rounds 20]
         [--local-steps 500] [--budgets 5 10 20] [--eval 100] [--seeds 0 1] [--arms local federated centralized]
-        [--strategies fedavg] [--work DIR]
+        [--strategies fedavg] [--upto ROUNDS] [--work DIR]
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from fedbot.flower_processes import simulation_run, simulation_superlink  # noqa
 from fedbot.policy_io import load_policy  # noqa: E402
 from fedbot.presets import get_preset  # noqa: E402
 from fedbot.run_config import RunConfig  # noqa: E402
-from fedbot.training import PRETRAINED_MODEL_DIR, train  # noqa: E402
+from fedbot.training import PRETRAINED_MODEL_DIR, last_checkpoint, train  # noqa: E402
 from fedbot.typed_config import changed_keys  # noqa: E402
 
 
@@ -85,6 +86,10 @@ def evaluate_point(results: Results, policy: Path, episodes: int, scenes: tuple[
     )
 
 
+class Paused(Exception):
+    """Raised from a checkpoint callback to stop training at `--upto`; the run resumes from there."""
+
+
 def train_alone(
     args, results: Results, dataset: Path, out: Path, steps_per_round: int, arm: str, seed: int, robot: int | None
 ) -> None:
@@ -92,35 +97,45 @@ def train_alone(
     budgets = {rounds * steps_per_round: rounds for rounds in args.budgets}
     started = time.monotonic()
 
-    def on_checkpoint(checkpoint: Path) -> None:
-        rounds = budgets.get(int(checkpoint.name))
-        if rounds is None:
-            return
-        wall = time.monotonic() - started  # this process's training time since it (re)started
-        key = dict(
-            arm=arm,
-            seed=seed,
-            budget_rounds=rounds,
-            robot=robot,
-            samples=rounds * steps_per_round * get_preset(args.preset).batch_size,
-            train_wall_s=wall,
-        )
-        policy = checkpoint / PRETRAINED_MODEL_DIR
-        evaluate_point(results, policy, args.eval, (0, 1), scenes="all", **key)
-        if robot is not None and rounds == max(args.budgets):
-            evaluate_point(results, policy, args.eval, (robot, args.robots), scenes="own", **key)
+    pause_at = args.upto * steps_per_round
 
-    train(
-        dataset,
-        get_preset(args.preset),
-        max(args.budgets) * steps_per_round,
-        out,
-        save_every=steps_per_round,
-        keep_checkpoints=len(args.budgets) + 1,
-        seed=seed,
-        show_progress=False,
-        on_checkpoint=on_checkpoint,
-    )
+    def on_checkpoint(checkpoint: Path) -> None:
+        step = int(checkpoint.name)
+        rounds = budgets.get(step)
+        if rounds is not None:
+            wall = time.monotonic() - started  # this process's training time since it (re)started
+            key = dict(
+                arm=arm,
+                seed=seed,
+                budget_rounds=rounds,
+                robot=robot,
+                samples=step * get_preset(args.preset).batch_size,
+                train_wall_s=wall,
+            )
+            policy = checkpoint / PRETRAINED_MODEL_DIR
+            evaluate_point(results, policy, args.eval, (0, 1), scenes="all", **key)
+            if robot is not None and rounds == max(args.budgets):
+                evaluate_point(results, policy, args.eval, (robot, args.robots), scenes="own", **key)
+        if step >= pause_at:
+            raise Paused
+
+    last = last_checkpoint(out)
+    if last is not None and int(last.name) >= pause_at:
+        return
+    try:
+        train(
+            dataset,
+            get_preset(args.preset),
+            max(args.budgets) * steps_per_round,
+            out,
+            save_every=steps_per_round,
+            keep_checkpoints=len(args.budgets) + 1,
+            seed=seed,
+            show_progress=False,
+            on_checkpoint=on_checkpoint,
+        )
+    except Paused:
+        pass
 
 
 def federate(args, results: Results, data: Path, work: Path, strategy: str, seed: int) -> None:
@@ -145,21 +160,24 @@ def federate(args, results: Results, data: Path, work: Path, strategy: str, seed
         round_timeout=7200.0,
     )
     started = time.monotonic()
-    with simulation_superlink(work / "superlink") as env:
-        result = subprocess.run(
-            simulation_run(changed_keys(run), args.robots, cpus_per_robot=2),
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-    (work / f"{arm}-seed{seed}.log").write_text(result.stdout + result.stderr)
-    runs = [d for d in out.iterdir() if (d / "state.json").is_file()]
-    finished = [d for d in runs if json.loads((d / "state.json").read_text())["finished"]]
-    if not finished:
-        raise RuntimeError(f"the federated run did not finish; see {work / f'{arm}-seed{seed}.log'}")
-    run_dir = max(finished)
-    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    for budget in args.budgets:
+    log = work / f"{arm}-seed{seed}.log"
+    if rounds_done(out) < min(args.upto, run.num_server_rounds):
+        with simulation_superlink(work / "superlink") as env, open(log, "a") as log_file:
+            flwr_run = subprocess.Popen(
+                simulation_run(changed_keys(run), args.robots, cpus_per_robot=2),
+                env=env,
+                stdout=log_file,
+                stderr=log_file,
+            )
+            # leaving the block stops the SuperLink, and with it a run paused at --upto
+            while flwr_run.poll() is None and rounds_done(out) < args.upto:
+                time.sleep(10)
+            flwr_run.kill()
+    run_dir = latest_run(out)
+    if run_dir is None or rounds_done(out) < min(args.upto, run.num_server_rounds):
+        raise RuntimeError(f"the federated run stopped early; see {log}")
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    for budget in (b for b in args.budgets if b <= rounds_done(out)):
         wall = sum(r["seconds"] for r in rounds if r["round"] <= budget)
         key = dict(
             arm=arm,
@@ -171,6 +189,26 @@ def federate(args, results: Results, data: Path, work: Path, strategy: str, seed
             this_process_wall_s=time.monotonic() - started,
         )
         evaluate_point(results, run_dir / "global_model" / f"round_{budget}", args.eval, (0, 1), scenes="all", **key)
+
+
+def latest_run(out: Path) -> Path | None:
+    runs = [d for d in out.iterdir() if (d / "state.json").is_file()] if out.is_dir() else []
+    return max(runs, default=None)
+
+
+def rounds_done(out: Path) -> int:
+    """The last round of the latest run in `out` whose metrics line is written (its model is saved before)."""
+    run_dir = latest_run(out)
+    metrics = run_dir / "metrics.jsonl" if run_dir else None
+    if metrics is None or not metrics.is_file():
+        return 0
+    rounds = []
+    for line in metrics.read_text().splitlines():
+        try:
+            rounds.append(json.loads(line)["round"])
+        except (ValueError, KeyError):
+            pass  # a line being written
+    return max(rounds, default=0)
 
 
 def print_table(results: Results, args) -> None:
@@ -238,8 +276,10 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=["local", "federated", "centralized"])
     parser.add_argument("--strategies", nargs="+", default=["fedavg"])
     parser.add_argument("--preset", default="pusht-state")
+    parser.add_argument("--upto", type=int, default=None, help="pause every arm after this many rounds")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "fedbot-fleet-learning")
     args = parser.parse_args()
+    args.upto = args.upto or max(args.rounds, *args.budgets)
     args.work.mkdir(parents=True, exist_ok=True)
     results = Results(args.work / "results.jsonl")
 
