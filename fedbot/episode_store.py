@@ -192,13 +192,11 @@ class EpisodeStore:
         if self.dataset is None or self._work is None:
             raise RuntimeError("no episode is open")
         try:
-            if (error := self._frame_errors.first()) is not None:
-                raise error
+            self.check_frames()
             with keep_scheduling_policy():
                 self.dataset.save_episode()
                 self.dataset.finalize()
-            if (error := self._frame_errors.first()) is not None:
-                raise error
+            self.check_frames()
             total = self.dataset.meta.total_episodes
             version = self._versions / f"{total:06d}"
             publish_dir(self._work, version)
@@ -211,6 +209,12 @@ class EpisodeStore:
         self._work, self.dataset = None, None
         self.recover()
         return total
+
+    def check_frames(self) -> None:
+        """Raise FrameWriteError if a camera frame of the open episode could not be written (a full
+        disk): the recorder stops the episode at once instead of recording on into a lost episode."""
+        if self._frame_errors is not None and (error := self._frame_errors.first()) is not None:
+            raise error
 
     def _stop_watching_frames(self) -> None:
         if self._frame_errors is not None:

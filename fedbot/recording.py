@@ -105,7 +105,9 @@ def record_episodes(
         operator.start_episode()
         dataset = store.begin_episode()
         try:
-            status = _record_episode(robot, operator, dataset, task, period if realtime else None, stop)
+            status = _record_episode(
+                robot, operator, dataset, task, period if realtime else None, stop, store.check_frames
+            )
         except BaseException:
             store.discard_episode()  # a device fault or an interrupt: the attempt in progress is lost
             raise
@@ -175,9 +177,16 @@ def _drive_unrecorded(
 
 
 def _record_episode(
-    robot: Robot, operator: Teleoperator, dataset, task: str, period: float | None, stop: threading.Event
+    robot: Robot,
+    operator: Teleoperator,
+    dataset,
+    task: str,
+    period: float | None,
+    stop: threading.Event,
+    check_frames,
 ):
-    """Drive the robot from the operator until the episode is done; every frame goes to `dataset`."""
+    """Drive the robot from the operator until the episode is done; every frame goes to `dataset`
+    (`check_frames` raises as soon as one could not be written)."""
     while True:
         if stop.is_set():
             raise RecordingStopped("stopped in the middle of an episode (discarded)")
@@ -185,6 +194,7 @@ def _record_episode(
         observation = robot.get_observation()
         sent = robot.send_action(operator.get_action())
         dataset.add_frame({**observation, **sent, "task": task})
+        check_frames()
         status = robot.episode_status()
         if status.done:
             return status
