@@ -224,8 +224,8 @@ class Agent:
     # -- states -------------------------------------------------------------------------------------
     def _enter(self, state: str, why: str) -> None:
         if state != self.state:
-            log.info("state: %s -> %s (%s)", self.state, state, why)
-            self.state = state
+            old, self.state = self.state, state  # before the log line: whoever reads it sees the new state
+            log.info("state: %s -> %s (%s)", old, state, why)
         self._report_status()
 
     def _leave_federation(self, why: str) -> None:

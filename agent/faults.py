@@ -7,13 +7,14 @@ done its job again. What a thread does after a fault is its own policy, written 
 
     recovers (retries with back-off, the fault stays shown until it succeeds)
         models      agent/model_updates.py: the inbox pass is retried; the live model stays live
-        observer    agent/model_updates.py: the inbox watch is set up again; the inbox is polled meanwhile
+        observer    agent/model_updates.py: a watch that stopped (the inbox removed) is set up again;
+                    the inbox is polled meanwhile
         supervisor  agent/daemon.py: each task (robot reconnect, federation) is retried; the loop goes on
         control-api agent/control_api.py: accepting clients is retried
     fatal (the agent cannot go on safely by itself: systemd restarts it)
         control     agent/controller.py: the control loop ended
         watchdog    agent/daemon.py: the feeder itself failed
-        any other thread that ends with an exception (`threading.excepthook`)
+        any thread that ends with an exception (`threading.excepthook`), a library's included
 
 A fatal fault, or a supervised thread that is no longer alive, makes the watchdog feeder stop
 sending WATCHDOG=1: systemd then kills and restarts the agent after WatchdogSec.

@@ -155,7 +155,15 @@ class ModelStore:
     # -- live model and history -------------------------------------------------------------------
     def history(self) -> list[str]:
         path = self.store / HISTORY
-        return json.loads(path.read_text()) if path.is_file() else []
+        if not path.is_file():
+            return []
+        try:
+            history = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path} is not a JSON list of model names ({error}); restore it or remove it") from None
+        if not isinstance(history, list) or not all(isinstance(name, str) for name in history):
+            raise ValueError(f"{path} is not a JSON list of model names; restore it or remove it")
+        return history
 
     def live(self) -> Path | None:
         history = self.history()
