@@ -28,9 +28,10 @@ def write_calibration(directory: Path, device_id: str) -> Path:
     return path
 
 
-def write_video(path: Path, seconds: float) -> Path:
-    """A camera recording whose frame k is uniformly grey at level 2k (so a frame shows its index)."""
-    height, width = CAMERA
+def write_video(path: Path, seconds: float, size: tuple[int, int] = CAMERA) -> Path:
+    """A camera recording (`size`: height, width) whose frame k is uniformly grey at level 2k (so a
+    frame shows its index)."""
+    height, width = size
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), CAMERA_FPS, (width, height))
     for k in range(int(seconds * CAMERA_FPS)):
         writer.write(np.full((height, width, 3), min(2 * k, 255), np.uint8))
