@@ -15,7 +15,7 @@ import math
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -110,5 +110,12 @@ class ChunkedInference:
                 self._queue = deque((tick + late + i, action) for i, action in enumerate(actions))
                 self._source = loaded
 
-    def close(self) -> None:
-        self._worker.shutdown(wait=True, cancel_futures=True)
+    def close(self, timeout: float) -> None:
+        """Stop the worker: a chunk in flight may take up to `timeout` seconds to finish."""
+        self._worker.shutdown(wait=False, cancel_futures=True)
+        future = self._future
+        if future is not None:
+            try:
+                future.exception(timeout=timeout)
+            except (TimeoutError, CancelledError):
+                pass

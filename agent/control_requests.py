@@ -3,6 +3,16 @@
 agent/control_api.py carries the requests over the Unix socket; `handle` answers one of them,
 {"command": ..., **arguments}, with a dict, or raises ValueError (a bad request) or RuntimeError
 (the agent cannot do it now), which the client sees as the error.
+
+Every argument is checked before anything happens; a request with an unknown command, an unknown
+argument or a value out of its bounds is refused with the reason:
+
+    status, models, stop, rollback   no arguments
+    record   episodes  an integer in [1, MAX_EPISODES] (true, 1.5, "3" are not)
+             task      optional, a string of 1 to MAX_TASK characters
+    run      episodes  optional (none: run until `stop`), an integer in [1, MAX_EPISODES]
+             seed      optional, an integer in [EVAL_SEED_START, MAX_SEED - episodes]: runs use
+                       held-out scenes only, never those demonstrations are recorded on
 """
 
 from __future__ import annotations
@@ -12,6 +22,18 @@ from dataclasses import dataclass
 
 from agent.model_store import ModelStore
 from fedbot.recording import EVAL_SEED_START
+
+MAX_EPISODES = 10_000  # episodes one record or run request may ask for
+MAX_SEED = 2**31 - 1  # scene seeds are below this (numpy and gym take them as 32-bit seeds)
+MAX_TASK = 1000  # characters of a task description
+ARGUMENTS = {
+    "status": (),
+    "models": (),
+    "record": ("episodes", "task"),
+    "run": ("episodes", "seed"),
+    "stop": (),
+    "rollback": (),
+}
 
 
 @dataclass(frozen=True)
@@ -28,26 +50,46 @@ class ControlRequests:
     def handle(self, request: dict) -> dict:
         """One control API request (agent/control_api.py)."""
         command = request["command"]
+        if command not in ARGUMENTS:
+            raise ValueError(f"unknown command {command[:100]!r} (one of {', '.join(ARGUMENTS)})")
+        unknown = sorted(str(key)[:100] for key in request if key != "command" and key not in ARGUMENTS[command])
+        if unknown:
+            takes = ", ".join(ARGUMENTS[command]) or "none"
+            raise ValueError(f"unknown argument {', '.join(map(repr, unknown))} for {command!r} (it takes: {takes})")
         if command == "status":
             return self.status()
         if command == "models":
             return {"models": self.models.models(), "rejected": self.models.rejections()}
         if command == "record":
-            return self.record(_positive(request, "episodes"), request.get("task"))
+            return self.record(_integer(request, "episodes", 1, MAX_EPISODES), _task(request))
         if command == "run":
-            episodes = request.get("episodes")
-            return self.run(
-                None if episodes is None else _positive(request, "episodes"), int(request.get("seed", EVAL_SEED_START))
-            )
+            episodes = None if request.get("episodes") is None else _integer(request, "episodes", 1, MAX_EPISODES)
+            seed = EVAL_SEED_START
+            if request.get("seed") is not None:
+                seed = _integer(request, "seed", EVAL_SEED_START, MAX_SEED - (episodes or 1))
+            return self.run(episodes, seed)
         if command == "stop":
             return self.stop()
-        if command == "rollback":
-            return self.rollback()
-        raise ValueError(f"unknown command {command!r}")
+        return self.rollback()
 
 
-def _positive(request: dict, key: str) -> int:
+def _integer(request: dict, key: str, low: int, high: int) -> int:
     value = request.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{key!r} must be a positive integer, got {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"{key!r} must be an integer in [{low}, {high}], got {_show(value)}")
     return value
+
+
+def _task(request: dict) -> str | None:
+    task = request.get("task")
+    if task is not None and (not isinstance(task, str) or not 1 <= len(task) <= MAX_TASK):
+        raise ValueError(f"'task' must be a string of 1 to {MAX_TASK} characters, got {_show(task)}")
+    return task
+
+
+def _show(value) -> str:
+    try:
+        text = repr(value)
+    except ValueError:  # an integer too long to print
+        return "a huge number"
+    return text if len(text) <= 60 else text[:57] + "..."

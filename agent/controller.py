@@ -10,6 +10,11 @@ Holding means sending nothing: the PushT sim then stands still. A robot with `ho
 also told to stop where it is whenever the policy fails or has no action ready for a tick (its
 chunk is late), so it never coasts on to the last goal it was sent. A robot whose port or camera
 fails (`HardwareFault`) ends the run; the agent reconnects it.
+
+An exception that escapes a tick (not the policy's, which holds the robot) ends the loop: a fatal
+fault (agent/faults.py), logged with its traceback; the loop then no longer ticks, so the agent stops
+feeding the systemd watchdog and is restarted. `close` holds, ends a run in progress (its caller gets
+its results) and stops the loop within CLOSE_TIMEOUT.
 """
 
 from __future__ import annotations
@@ -26,12 +31,14 @@ import torch
 from lerobot.utils.robot_utils import precise_sleep
 
 from agent.action_chunks import ChunkedInference
+from agent.faults import Faults
 from fedbot.policy_io import LoadedPolicy
 from hardware.errors import HardwareFault
 
 log = logging.getLogger("fedbot.agent.control")
 HOLD, RUN, PAUSED = "hold", "run", "paused"
 TIMING_WINDOW = 3000  # ticks over which jitter percentiles are reported
+CLOSE_TIMEOUT = 10.0  # seconds `close` waits for the loop's last tick and the inference worker
 
 
 @dataclass
@@ -57,8 +64,9 @@ class EpisodeRun:
 
 
 class ControlLoop:
-    def __init__(self, robot, rate_hz: float, inference_threads: int = 1):
+    def __init__(self, robot, rate_hz: float, inference_threads: int = 1, faults: Faults | None = None):
         self.robot = robot
+        self.faults = faults or Faults()
         self.inference_threads = inference_threads
         self.period = 1.0 / rate_hz
         self.inference = ChunkedInference(self.period)
@@ -91,17 +99,35 @@ class ControlLoop:
         torch.set_num_threads(self.inference_threads)
         self._thread.start()
 
-    def close(self) -> None:
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Hold (a run in progress ends), stop the loop and the inference worker, within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        self.hold()
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join(timeout=10)
-        self.inference.close()
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("the control loop did not end within %.0f s", timeout)
+        self.inference.close(max(0.0, deadline - time.monotonic()))
+        log.info("control loop stopped after %d ticks (%d actions); the robot holds", self.ticks, self.actions)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def swap(self, loaded: LoadedPolicy, name: str, landed_at: float) -> SwapTicket:
         ticket = SwapTicket(loaded, name, landed_at)
         with self._lock:
             self._ticket = ticket
         return ticket
+
+    def withdraw(self, ticket: SwapTicket) -> bool:
+        """Take back a swap the loop has not installed yet (False: it was installed meanwhile)."""
+        with self._lock:
+            if self._ticket is ticket:
+                self._ticket = None
+                return True
+            return False
 
     def run(self, episodes: int | None = None, seed: int = 0) -> EpisodeRun:
         """Run the live policy (for `episodes` sim episodes from scene `seed`, or until `hold`)."""
@@ -132,6 +158,10 @@ class ControlLoop:
         self.mode = mode
         if self._run is not None:
             self._run.finished.set()
+        if self._swapped is not None:  # installed during the run, which ended before its first action
+            self._swapped.latency = time.monotonic() - self._swapped.landed_at
+            self._swapped.done.set()
+            self._swapped = None
 
     def wait_ticks(self, count: int, timeout: float) -> bool:
         """Block until the loop has ticked `count` more times (False if `timeout` passes first)."""
@@ -168,6 +198,12 @@ class ControlLoop:
 
     # -- the loop ----------------------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._ticks()
+        except Exception as error:  # noqa: BLE001  the loop ends: a fatal fault, the watchdog is no longer fed
+            self.faults.report("control", error, "tick", fatal=True)
+
+    def _ticks(self) -> None:
         deadline = time.perf_counter()
         while not self._stop.is_set():
             deadline += self.period

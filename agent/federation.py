@@ -6,7 +6,11 @@ last recording or policy run. A SuperNode that exits (coordinator unreachable fo
 refused) is restarted after an exponential back-off; one that stayed up a while resets it.
 
 The agent's state machine (agent/daemon.py) makes and logs the transitions; it calls the methods
-that start, stop or restart the SuperNode with its lock held.
+that start, stop or restart the SuperNode with its lock held. A SuperNode that cannot even be
+started (its log or state directory unwritable, say) raises: the supervisor shows it as a fault,
+and the next start waits for the same back-off as after an exit. A stop is bounded: SIGTERM, then
+SIGKILL to the whole process group after SUPERNODE_STOP seconds (Flower's own processes force
+their exit after 5 s).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from fedbot.episode_store import committed_episodes
 
 log = logging.getLogger("fedbot.agent")
 STABLE_SUPERNODE = 60.0  # a SuperNode up this long resets the restart back-off
+SUPERNODE_STOP = 15.0  # seconds a SuperNode gets to leave after SIGTERM before SIGKILL
 
 
 class Federation:
@@ -73,22 +78,30 @@ class Federation:
         return now >= self._next_start and not self.idle_blockers()
 
     def join(self, now: float) -> None:
-        self.supernode.start()
+        try:
+            self.supernode.start()
+        except BaseException:
+            self._schedule_restart(now)
+            raise
         self._started = now
 
-    def leave(self) -> None:
-        """SIGTERM to the SuperNode (none running: nothing to do)."""
-        self.supernode.stop()
+    def leave(self, timeout: float = SUPERNODE_STOP) -> None:
+        """SIGTERM to the SuperNode, SIGKILL after `timeout` seconds (none running: nothing to do)."""
+        self.supernode.stop(timeout)
+
+    def _schedule_restart(self, now: float) -> float:
+        self.failures += 1
+        delay = min(2.0**self.failures, self.config.coordinator.retry_max_seconds)
+        self._next_start = now + delay
+        return delay
 
     def supernode_exited(self, now: float) -> bool:
         """For a federating robot, once per supervision: whether its SuperNode has exited. If it has,
         its restart is scheduled with back-off; if it has run stably, the back-off is reset."""
         if not self.supernode.alive():
             code = self.supernode.exit_code()
-            self.supernode.stop()
-            self.failures += 1
-            delay = min(2.0**self.failures, self.config.coordinator.retry_max_seconds)
-            self._next_start = now + delay
+            self.supernode.stop(SUPERNODE_STOP)
+            delay = self._schedule_restart(now)
             log.warning(
                 "SuperNode exited with code %s (see %s); trying again in %.0f s",
                 code,
@@ -105,8 +118,9 @@ class Federation:
         return rounds_joined(self.config.federation_dir)
 
     def status(self) -> dict:
+        process = self.supernode.process  # read once: a stop may set it to None meanwhile
         return {
-            "supernode-pid": self.supernode.process.pid if self.supernode.alive() else None,
+            "supernode-pid": process.pid if process is not None and process.poll() is None else None,
             "failures": self.failures,
             "blocked-by": self.idle_blockers(),
         }

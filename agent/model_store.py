@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from fedbot.atomic_files import write_json_atomic
+from fedbot.atomic_files import fsync_dir, write_bytes_atomic
 from fedbot.evaluation import evaluate
 from fedbot.model_manifest import MANIFEST, ModelNotTrusted, parse_public_key, verify_model_dir
 from fedbot.policy_io import LoadedPolicy, load_policy
@@ -134,11 +134,18 @@ class ModelStore:
         os.rename(model, target)
         return target
 
+    def unaccept(self, model: Path) -> None:
+        """Put a model accepted into the store but not made live back into the inbox."""
+        if model.name not in self.history() and model.is_dir():
+            os.rename(model, self.inbox / model.name)
+
     def reject(self, model: Path, reason: str) -> None:
+        # The reason is written while the model is still in the inbox: if the disk is full or read-only,
+        # the model stays there (and is checked again later) instead of being rejected without a reason.
+        (model / REASON).write_text(reason + "\n")
         target = self.rejected / model.name
         shutil.rmtree(target, ignore_errors=True)
         os.rename(model, target)
-        (target / REASON).write_text(reason + "\n")
         for old in self.rejections()[KEEP_REJECTED:]:
             shutil.rmtree(self.rejected / old["name"], ignore_errors=True)
 
@@ -154,7 +161,15 @@ class ModelStore:
     # -- live model and history -------------------------------------------------------------------
     def history(self) -> list[str]:
         path = self.store / HISTORY
-        return json.loads(path.read_text()) if path.is_file() else []
+        if not path.is_file():
+            return []
+        try:
+            history = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path} is not a JSON list of model names ({error}); restore it or remove it") from None
+        if not isinstance(history, list) or not all(isinstance(name, str) for name in history):
+            raise ValueError(f"{path} is not a JSON list of model names; restore it or remove it")
+        return history
 
     def live(self) -> Path | None:
         history = self.history()
@@ -167,15 +182,34 @@ class ModelStore:
 
     def went_live(self, model: Path) -> None:
         """Record that `model` (in the store) is now live; forget models beyond `keep`."""
-        history = [name for name in self.history() if name != model.name] + [model.name]
-        self._write_history(history[-self.keep :])
+        self.commit_history(self.stage_live(model.name))
 
     def rolled_back(self) -> None:
         """Record that the previous model is live again."""
-        self._write_history(self.history()[:-1])
+        self.commit_history(self.stage_rollback())
 
-    def _write_history(self, history: list[str]) -> None:
-        write_json_atomic(self.store / HISTORY, history)
+    def stage_live(self, name: str) -> Path:
+        """The history with model `name` live (the oldest beyond `keep` dropped), written beside the
+        current one and not yet in effect (`commit_history`). A full disk or a read-only store fails
+        here, before the model is moved or swapped in."""
+        history = [entry for entry in self.history() if entry != name] + [name]
+        return self._stage_history(history[-self.keep :])
+
+    def stage_rollback(self) -> Path:
+        """The history with the previous model live again, staged like `stage_live`."""
+        return self._stage_history(self.history()[:-1])
+
+    def _stage_history(self, history: list[str]) -> Path:
+        staged = self.store / f".{HISTORY}.next"  # a leftover is removed at the next start
+        write_bytes_atomic(staged, json.dumps(history, indent=2).encode())
+        return staged
+
+    def commit_history(self, staged: Path) -> None:
+        """Put the staged history in effect (a rename: it needs no space), then forget the models
+        it no longer lists."""
+        os.replace(staged, self.store / HISTORY)
+        fsync_dir(self.store)
+        history = self.history()
         for model in self.store.iterdir():
             if model.is_dir() and model.name not in history and not model.name.startswith("."):
                 shutil.rmtree(model)

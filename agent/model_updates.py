@@ -1,11 +1,27 @@
 """New models for the live controller: inbox watcher, checks, sim gate, swap, rollback, live model at start.
 
 A model lands in `<model-dir>/inbox/` (agent/inbox.py, or by hand); a watchdog Observer notices it
-and a worker thread checks it (agent/model_store.py: manifest sha256, strict load, finite weights,
-features that fit the robot), optionally runs the sim gate against the live model, then accepts it
-into the store and hands it to the control loop, which installs it between two ticks. Only once the
-loop acts on its weights does the model become live in the store's history. A model that fails goes
-to `rejected/` with the reason. This happens in any state of the agent, off the control thread.
+and the model worker thread checks it (agent/model_store.py: manifest sha256, strict load, finite
+weights, features that fit the robot), optionally runs the sim gate against the live model, then
+accepts it into the store and hands it to the control loop, which installs it between two ticks.
+Only once the loop acts on its weights does the model become live in the store's history. A model
+that fails goes to `rejected/` with the reason. This happens in any state of the agent, off the
+control thread. Rollbacks (`fedbot rollback`) run on the same worker thread, so that a rollback and
+a swap never interleave: a rollback asked for during a swap happens after it.
+
+Faults (agent/faults.py), and what the worker does about them:
+
+- Anything but a rejection that fails an inbox pass (a full disk, a read-only or vanished directory)
+  is a fault of the `models` thread: logged with its traceback, shown in `fedbot status`, and the
+  pass is tried again after a back-off (1 s doubling to 60 s) until it succeeds. The files are
+  changed in an order that keeps the live model live and the model in the inbox until it is either
+  live or rejected: the next history is written beside the current one first, then the model is
+  moved into the store, swapped in, and the history renamed into place (a rename needs no space).
+- The inbox watch (the `observer` thread) is checked at every pass; if it stopped (the inbox was
+  removed) it is a fault, the inbox is made again and watched anew. Meanwhile the worker looks at
+  the inbox every INBOX_POLL seconds anyway, so no model waits for an event that never comes.
+- A model the control loop does not take within SWAP_TIMEOUT is withdrawn from the loop (a fault;
+  the model stays in the store and is tried again at the next pass).
 """
 
 from __future__ import annotations
@@ -15,17 +31,26 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
-from agent.controller import ControlLoop
+from agent.controller import ControlLoop, SwapTicket
+from agent.faults import Backoff, Faults
 from agent.model_store import CheckRules, ModelRejected, ModelStore, check_model, read_manifest, sim_gate_success
 from fedbot.policy_io import LoadedPolicy, load_policy
 
 log = logging.getLogger("fedbot.agent")
-SWAP_TIMEOUT = 60.0
+SWAP_TIMEOUT = 60.0  # seconds the control loop may take to install a model (it does so at its next tick)
+INBOX_POLL = 5.0  # seconds between looks at the inbox when no event comes
+RETRY_FIRST, RETRY_MAX = 1.0, 60.0  # back-off of a failed inbox pass, seconds
+ROLLBACK_TIMEOUT = 600.0  # seconds a rollback may wait for the worker (a sim gate in progress) and run
+
+
+class _Stopping(Exception):
+    """The agent is stopping: the pass ends without a verdict on the model at hand."""
 
 
 class ModelUpdates:
@@ -38,6 +63,7 @@ class ModelUpdates:
         rules: CheckRules,
         robot_features: Callable[[], dict[str, tuple]],
         on_change: Callable[[], None],
+        faults: Faults | None = None,
     ):
         """`robot_features`: the robot's observation and action features, which a model must fit;
         `on_change`: called after a model went live or was rejected (the agent reports its status)."""
@@ -46,11 +72,14 @@ class ModelUpdates:
         self.rules = rules
         self.robot_features = robot_features
         self.on_change = on_change
+        self.faults = faults or Faults()
         self.last_swap: dict | None = None
-        self._landed: queue.Queue[tuple[str, float]] = queue.Queue()
+        self._requests: queue.Queue[tuple] = queue.Queue()  # ("landed", name, time) | ("rollback", Future)
+        self._landed: dict[str, float] = {}  # model name -> when it landed (for the swap latency)
         self._gate_scores: dict[str, float] = {}
-        self._observer = Observer()
+        self._observer: Observer | None = None
         self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="models", daemon=True)
 
     def load_live(self) -> None:
         """At start: load the newest model of the history that still passes its checks."""
@@ -66,32 +95,40 @@ class ModelUpdates:
 
     def start(self) -> None:
         """Watch the inbox; models that landed while the agent was down are processed first."""
-        self._observer.schedule(_InboxEvents(self._landed), str(self.models.inbox))
-        self._observer.start()
-        self._landed.put(("", time.monotonic()))
-        threading.Thread(target=self._process_inbox, name="models", daemon=True).start()
+        self._keep_watching()
+        self._thread.start()
 
-    def close(self) -> None:
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self, timeout: float) -> None:
+        """Stop the worker: a check in progress finishes, nothing more is swapped in; a rollback waiting
+        for the worker fails. Returns within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
         self._stopping.set()
-        self._landed.put(("", 0.0))
-        if self._observer.is_alive():
-            self._observer.stop()
+        self._requests.put(("stop",))
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("the model worker did not end within %.0f s (a check in progress)", timeout)
+        self._fail_waiting_rollbacks()
+        observer = self._observer
+        if observer is not None and observer.is_alive():
+            observer.stop()
+            observer.join(max(0.1, deadline - time.monotonic()))
 
     def rollback(self) -> dict:
-        """Make the previously live model live again, checked and swapped like a new one."""
-        previous = self.models.previous()
-        if previous is None:
-            raise RuntimeError("no previous model to roll back to")
+        """Make the previously live model live again, checked and swapped like a new one, on the model
+        worker (after a swap in progress)."""
+        if self._stopping.is_set() or not self._thread.is_alive():
+            raise RuntimeError("the model worker is not running (the agent is stopping)")
+        future: Future[dict] = Future()
+        self._requests.put(("rollback", future))
         try:
-            loaded = check_model(previous, self.robot_features(), self.rules)
-        except ModelRejected as why:
-            raise RuntimeError(f"the previous model {previous.name} fails its checks now: {why}") from None
-        ticket = self.control.swap(loaded, previous.name, time.monotonic())
-        if not ticket.done.wait(SWAP_TIMEOUT):
-            raise RuntimeError("the control loop did not take the model")
-        self.models.rolled_back()
-        log.info("rolled back to %s", previous.name)
-        return {"live": previous.name}
+            return future.result(timeout=ROLLBACK_TIMEOUT)
+        except TimeoutError:
+            raise RuntimeError(f"the model worker did not do the rollback within {ROLLBACK_TIMEOUT:.0f} s") from None
 
     def live_summary(self) -> dict | None:
         """The live model's name, round, sha256 and time (None: no live model)."""
@@ -101,17 +138,101 @@ class ModelUpdates:
         manifest = read_manifest(live)
         return {"name": live.name, **{key: manifest[key] for key in ("round", "sha256", "created") if key in manifest}}
 
-    def _process_inbox(self) -> None:
+    # -- the worker thread ----------------------------------------------------------------------------
+    def _work(self) -> None:
+        backoff = Backoff(RETRY_FIRST, RETRY_MAX)
+        wait = 0.0  # the first pass at once: models that landed while the agent was down
         while not self._stopping.is_set():
-            name, landed_at = self._landed.get()
-            landed = {name: landed_at}
-            while not self._landed.empty():
-                name, at = self._landed.get()
-                landed[name] = at
+            self._take_requests(wait)
             if self._stopping.is_set():
                 return
-            for model in self.models.pending():
-                self._consider(model, landed.get(model.name, time.monotonic()))
+            try:
+                self._keep_watching()
+                for model in self.models.pending():
+                    self._consider(model, self._landed.get(model.name, time.monotonic()))
+            except _Stopping:
+                return
+            except Exception as error:  # noqa: BLE001  a fault: shown, and the pass tried again later
+                wait = backoff.next()
+                self.faults.report("models", error, "inbox", retry_in=wait)
+                continue
+            self.faults.clear("models", "inbox")
+            backoff.reset()
+            wait = INBOX_POLL
+
+    def _take_requests(self, wait: float) -> None:
+        """Wait up to `wait` seconds for a request; do the rollbacks asked for, note when models landed."""
+        try:
+            request = self._requests.get(timeout=wait) if wait > 0 else self._requests.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if request[0] == "landed":
+                self._landed[request[1]] = request[2]
+            elif request[0] == "rollback":
+                self._do_rollback(request[1])
+            try:
+                request = self._requests.get_nowait()
+            except queue.Empty:
+                return
+
+    def _do_rollback(self, future: Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(self._rollback())
+        except _Stopping:
+            future.set_exception(RuntimeError("the agent is stopping: no rollback"))
+        except Exception as error:  # noqa: BLE001  the client sees why; the worker goes on
+            if not isinstance(error, RuntimeError):
+                log.exception("rollback failed")
+                error = RuntimeError(f"rollback failed: {type(error).__name__}: {error}")
+            future.set_exception(error)
+
+    def _rollback(self) -> dict:
+        previous = self.models.previous()
+        if previous is None:
+            raise RuntimeError("no previous model to roll back to")
+        try:
+            loaded = check_model(previous, self.robot_features(), self.rules)
+        except ModelRejected as why:
+            raise RuntimeError(f"the previous model {previous.name} fails its checks now: {why}") from None
+        staged = self.models.stage_rollback()
+        self._swap(loaded, previous.name, time.monotonic())
+        self._commit(staged)
+        log.info("rolled back to %s", previous.name)
+        self.on_change()
+        return {"live": previous.name}
+
+    def _fail_waiting_rollbacks(self) -> None:
+        while True:
+            try:
+                request = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            if request[0] == "rollback" and request[1].set_running_or_notify_cancel():
+                request[1].set_exception(RuntimeError("the agent is stopping: no rollback"))
+
+    def _keep_watching(self) -> None:
+        """(Re)start the inbox watch if it is not running; a failure is a fault of the observer (the
+        inbox is polled meanwhile)."""
+        observer = self._observer
+        if observer is not None and observer.is_alive() and all(e.is_alive() for e in observer.emitters):
+            return
+        if observer is not None:
+            log.error("the watch of %s stopped (was the inbox removed?): watching it again", self.models.inbox)
+            observer.stop()
+        try:
+            self.models.inbox.mkdir(parents=True, exist_ok=True)
+            observer = Observer()
+            observer.name = "observer"
+            observer.schedule(_InboxEvents(self._requests), str(self.models.inbox))
+            observer.start()
+        except Exception as error:  # noqa: BLE001  polling goes on; tried again at the next pass
+            self.faults.report("observer", error, "watch", retry_in=INBOX_POLL)
+            return
+        self._observer = observer
+        self.faults.clear("observer", "watch")
 
     def _consider(self, model: Path, landed_at: float) -> None:
         log.info("new model %s: checking", model.name)
@@ -122,14 +243,20 @@ class ModelUpdates:
         except ModelRejected as why:
             log.warning("model %s rejected: %s", model.name, why)
             self.models.reject(model, str(why))
+            self._landed.pop(model.name, None)
             self.on_change()
             return
+        if self._stopping.is_set():
+            raise _Stopping
+        staged = self.models.stage_live(model.name)  # fails on a full or read-only disk: nothing changed yet
         stored = self.models.accept(model)
-        ticket = self.control.swap(loaded, stored.name, landed_at)
-        if not ticket.done.wait(SWAP_TIMEOUT):
-            log.error("model %s was not taken by the control loop within %.0f s", stored.name, SWAP_TIMEOUT)
-            return
-        self.models.went_live(stored)
+        try:
+            ticket = self._swap(loaded, stored.name, landed_at)
+        except BaseException:
+            self.models.unaccept(stored)  # back into the inbox: checked again at the next pass or start
+            raise
+        self._commit(staged)
+        self._landed.pop(model.name, None)
         self.last_swap = {
             "model": stored.name,
             "latency-ms": round(ticket.latency * 1e3, 1),
@@ -141,6 +268,31 @@ class ModelUpdates:
             ticket.latency * 1e3,
         )
         self.on_change()
+
+    def _commit(self, staged: Path) -> None:
+        """Put the staged history in effect; if even that fails, the loop gets the history's live model
+        back, so that what runs is what the history says."""
+        try:
+            self.models.commit_history(staged)
+        except Exception:
+            live = self.models.live()
+            if live is not None:
+                log.error("the history could not be written: swapping %s back in", live.name)
+                self._swap(check_model(live, self.robot_features(), self.rules), live.name, time.monotonic())
+            raise
+
+    def _swap(self, loaded: LoadedPolicy, name: str, landed_at: float) -> SwapTicket:
+        """Hand `loaded` to the control loop and wait until it acts on it; withdrawn if the loop does not
+        take it within SWAP_TIMEOUT or the agent stops."""
+        ticket = self.control.swap(loaded, name, landed_at)
+        deadline = time.monotonic() + SWAP_TIMEOUT
+        while not ticket.done.wait(0.5):
+            stopping = self._stopping.is_set()
+            if (stopping or time.monotonic() > deadline) and self.control.withdraw(ticket):
+                if stopping:
+                    raise _Stopping
+                raise RuntimeError(f"the control loop did not take model {name} within {SWAP_TIMEOUT:.0f} s")
+        return ticket
 
     def sim_gate(self, name: str, loaded: LoadedPolicy) -> None:
         """Raise ModelRejected if the candidate `loaded` succeeds in the sim less often than the live
@@ -166,10 +318,10 @@ class ModelUpdates:
 class _InboxEvents(FileSystemEventHandler):
     """Model directories appear in the inbox by rename (agent/inbox.py) or by a copy into it."""
 
-    def __init__(self, landed: queue.Queue):
-        self.landed = landed
+    def __init__(self, requests: queue.Queue):
+        self.requests = requests
 
     def on_any_event(self, event) -> None:
         path = Path(event.dest_path or event.src_path) if event.event_type == "moved" else Path(event.src_path)
         if event.event_type in ("created", "moved"):
-            self.landed.put((path.name, time.monotonic()))
+            self.requests.put(("landed", path.name, time.monotonic()))

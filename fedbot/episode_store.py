@@ -19,14 +19,23 @@ resumes there, and on `commit` the finalized work directory is fsynced, renamed 
 and `current` is switched to it. lerobot starts new data, video and episode-metadata files when it
 resumes, so the hard-linked files of committed episodes are never written again. A kill at any
 moment leaves `current` pointing at a complete version; leftovers are removed at the next open.
+
+A full disk (ENOSPC) or any other error while an episode is written fails that episode only: its
+work directory is removed (the space comes back) and the error is raised; the committed versions
+are untouched. lerobot logs, and otherwise ignores, a camera frame it could not write (its
+`write_image`), which would leave an episode whose video misses frames: the store watches for those
+errors and refuses to commit such an episode (`FrameWriteError`, an OSError with the frame's errno).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import itertools
+import logging
 import os
 import shutil
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,6 +50,37 @@ LINKED_SUBDIRS = ("meta", "data", "videos")
 WORK_PREFIX = "work-"
 LOCK_FILE = "lock"
 _work_counter = itertools.count()
+IMAGE_WRITER_LOGGER = "lerobot.datasets.image_writer"  # where lerobot's write_image reports a failed frame
+log = logging.getLogger(__name__)
+
+
+class FrameWriteError(OSError):
+    """A camera frame of the episode could not be written (lerobot only logged it)."""
+
+
+class _FrameErrors(logging.Handler):
+    """Collects lerobot's "Error writing image <path>: <error>" records for files under `directory`."""
+
+    def __init__(self, directory: Path):
+        super().__init__(logging.ERROR)
+        self.directory = str(directory)
+        self.errors: list[tuple[str, BaseException | str]] = []
+        self._lock_errors = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if len(args) == 2 and str(args[0]).startswith(self.directory):
+            with self._lock_errors:
+                self.errors.append((str(args[0]), args[1]))
+
+    def first(self) -> FrameWriteError | None:
+        with self._lock_errors:
+            if not self.errors:
+                return None
+            path, error = self.errors[0]
+            count = len(self.errors)
+        code = getattr(error, "errno", None) or errno.EIO
+        return FrameWriteError(code, f"{count} camera frames could not be written (first {path}: {error})")
 
 
 class EpisodeStore:
@@ -54,6 +94,7 @@ class EpisodeStore:
         self.robot_type = robot_type
         self._versions = self.root / VERSIONS_DIR
         self._work: Path | None = None
+        self._frame_errors: _FrameErrors | None = None
         self.dataset: LeRobotDataset | None = None
         self._prepare_root()
         self._lock_fd = os.open(self._versions / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
@@ -66,9 +107,11 @@ class EpisodeStore:
 
     def close(self) -> None:
         """Discard an open episode and release the dataset for other recorders."""
-        if self._work is not None:
-            self.discard_episode()
-        os.close(self._lock_fd)
+        try:
+            if self._work is not None:
+                self.discard_episode()
+        finally:
+            os.close(self._lock_fd)
 
     # -- layout -------------------------------------------------------------------------------
     def _prepare_root(self) -> None:
@@ -106,44 +149,77 @@ class EpisodeStore:
         if self._work is not None:
             raise RuntimeError("an episode is already open; commit or discard it first")
         self._work = self._versions / f"{WORK_PREFIX}{os.getpid()}-{next(_work_counter)}"
+        self._frame_errors = _FrameErrors(self._work)
+        logging.getLogger(IMAGE_WRITER_LOGGER).addHandler(self._frame_errors)
         current = self.current_version
-        if current is None:
-            self.dataset = LeRobotDataset.create(
-                self.repo_id,
-                fps=self.fps,
-                features=self.features,
-                root=self._work,
-                robot_type=self.robot_type,
-                use_videos=True,
-            )
-        else:
-            _clone_version(current, self._work)
-            self.dataset = LeRobotDataset.resume(self.repo_id, root=self._work)
+        try:
+            if current is None:
+                self.dataset = LeRobotDataset.create(
+                    self.repo_id,
+                    fps=self.fps,
+                    features=self.features,
+                    root=self._work,
+                    robot_type=self.robot_type,
+                    use_videos=True,
+                )
+            else:
+                _clone_version(current, self._work)
+                self.dataset = LeRobotDataset.resume(self.repo_id, root=self._work)
+        except BaseException:
+            self.discard_episode()
+            raise
         return self.dataset
 
     def discard_episode(self) -> None:
-        """Drop the open episode; the committed dataset is untouched."""
-        if self.dataset is not None:
-            self.dataset.clear_episode_buffer()
-            self.dataset.finalize()
-        if self._work is not None:
-            shutil.rmtree(self._work, ignore_errors=True)
-        self._work, self.dataset = None, None
+        """Drop the open episode; the committed dataset is untouched and the episode's space freed,
+        whatever fails on the way (a full disk makes lerobot's own clean-up fail too)."""
+        try:
+            if self.dataset is not None:
+                self.dataset.clear_episode_buffer()
+                self.dataset.finalize()  # closes lerobot's writers: their files' space is freed with them
+        except Exception as error:  # noqa: BLE001  the work directory goes anyway
+            log.warning("discarding the episode: lerobot's clean-up failed (%s: %s)", type(error).__name__, error)
+        finally:
+            if self._work is not None and self._work != self.current_version:
+                shutil.rmtree(self._work, ignore_errors=True)
+            self._stop_watching_frames()
+            self._work, self.dataset = None, None
 
     def commit_episode(self) -> int:
-        """Save the open episode and make it visible atomically. Returns the new episode count."""
+        """Save the open episode and make it visible atomically. Returns the new episode count. If
+        anything fails (a camera frame that was not written, a full disk), the episode is discarded
+        and the error raised; the committed dataset is untouched."""
         if self.dataset is None or self._work is None:
             raise RuntimeError("no episode is open")
-        with keep_scheduling_policy():
-            self.dataset.save_episode()
-            self.dataset.finalize()
-        total = self.dataset.meta.total_episodes
-        version = self._versions / f"{total:06d}"
-        publish_dir(self._work, version)
-        point_link(self._versions / CURRENT_LINK, version.name)  # the commit point
+        try:
+            self.check_frames()
+            with keep_scheduling_policy():
+                self.dataset.save_episode()
+                self.dataset.finalize()
+            self.check_frames()
+            total = self.dataset.meta.total_episodes
+            version = self._versions / f"{total:06d}"
+            publish_dir(self._work, version)
+            self._work = version  # a failure from here on removes it, unless it became current
+            point_link(self._versions / CURRENT_LINK, version.name)  # the commit point
+        except BaseException:
+            self.discard_episode()
+            raise
+        self._stop_watching_frames()
         self._work, self.dataset = None, None
         self.recover()
         return total
+
+    def check_frames(self) -> None:
+        """Raise FrameWriteError if a camera frame of the open episode could not be written (a full
+        disk): the recorder stops the episode at once instead of recording on into a lost episode."""
+        if self._frame_errors is not None and (error := self._frame_errors.first()) is not None:
+            raise error
+
+    def _stop_watching_frames(self) -> None:
+        if self._frame_errors is not None:
+            logging.getLogger(IMAGE_WRITER_LOGGER).removeHandler(self._frame_errors)
+            self._frame_errors = None
 
 
 def committed_episodes(root: Path) -> int:

@@ -3,11 +3,15 @@
 The loop knows only lerobot's Robot and Teleoperator interfaces plus two bench duties a person does
 on real hardware and the sim does itself: placing the scene (`robot.reset(seed)`) and judging the
 outcome (`robot.episode_status()`).
+
+A session can be stopped from another thread (`stop`, an Event: the agent's SIGTERM): the episode in
+progress is discarded at the next frame and `RecordingStopped` is raised.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +48,10 @@ def open_store(root: Path, robot: Robot) -> EpisodeStore:
     )
 
 
+class RecordingStopped(Exception):
+    """The session was stopped (`stop` was set); the episode in progress was discarded."""
+
+
 @dataclass
 class RecordingReport:
     """What one recording session produced."""
@@ -74,6 +82,7 @@ def record_episodes(
     keep_failed: bool = False,
     realtime: bool = False,
     on_episode=None,
+    stop: threading.Event | None = None,
 ) -> RecordingReport:
     """Record `episodes` attempts on seeds seed_start, seed_start+1, ...
 
@@ -84,16 +93,21 @@ def record_episodes(
     put the scene back (as lerobot-record's reset phase; the simulator needs none).
     """
     check_recording_seeds(seed_start, episodes)
+    stop = stop or threading.Event()
     report = RecordingReport(total_episodes=store.num_episodes)
     period = 1.0 / robot.config.fps
     for seed in range(seed_start, seed_start + episodes):
         if seed > seed_start and robot.config.reset_seconds > 0:
-            _drive_unrecorded(robot, operator, robot.config.reset_seconds, period)
+            _drive_unrecorded(robot, operator, robot.config.reset_seconds, period, stop)
+        if stop.is_set():
+            raise RecordingStopped(f"stopped after {report.attempted} of {episodes} episodes")
         robot.reset(seed)
         operator.start_episode()
         dataset = store.begin_episode()
         try:
-            status = _record_episode(robot, operator, dataset, task, period if realtime else None)
+            status = _record_episode(
+                robot, operator, dataset, task, period if realtime else None, stop, store.check_frames
+            )
         except BaseException:
             store.discard_episode()  # a device fault or an interrupt: the attempt in progress is lost
             raise
@@ -121,6 +135,7 @@ def record_session(
     task: str = DEFAULT_TASK,
     keep_failed: bool = False,
     on_episode=None,
+    stop: threading.Event | None = None,
 ) -> RecordingReport:
     """A teleop session on a connected robot: the operator connects (a sim operator also attaches to
     the robot whose scene it reads), the robot's dataset at `root` opens, the episodes are recorded
@@ -141,6 +156,7 @@ def record_session(
                 keep_failed=keep_failed,
                 realtime=getattr(operator, "realtime", False),
                 on_episode=on_episode,
+                stop=stop,
             )
         finally:
             store.close()
@@ -148,23 +164,37 @@ def record_session(
         operator.disconnect()
 
 
-def _drive_unrecorded(robot: Robot, operator: Teleoperator, seconds: float, period: float) -> None:
+def _drive_unrecorded(
+    robot: Robot, operator: Teleoperator, seconds: float, period: float, stop: threading.Event
+) -> None:
     """The reset phase: the operator drives the robot in real time for `seconds`; nothing is recorded."""
     log.info("reset: %.0f s to put the scene back before the next episode", seconds)
     end = time.monotonic() + seconds
-    while time.monotonic() < end:
+    while time.monotonic() < end and not stop.is_set():
         tick = time.perf_counter()
         robot.send_action(operator.get_action())
         precise_sleep(max(0.0, period - (time.perf_counter() - tick)))
 
 
-def _record_episode(robot: Robot, operator: Teleoperator, dataset, task: str, period: float | None):
-    """Drive the robot from the operator until the episode is done; every frame goes to `dataset`."""
+def _record_episode(
+    robot: Robot,
+    operator: Teleoperator,
+    dataset,
+    task: str,
+    period: float | None,
+    stop: threading.Event,
+    check_frames,
+):
+    """Drive the robot from the operator until the episode is done; every frame goes to `dataset`
+    (`check_frames` raises as soon as one could not be written)."""
     while True:
+        if stop.is_set():
+            raise RecordingStopped("stopped in the middle of an episode (discarded)")
         tick = time.perf_counter()
         observation = robot.get_observation()
         sent = robot.send_action(operator.get_action())
         dataset.add_frame({**observation, **sent, "task": task})
+        check_frames()
         status = robot.episode_status()
         if status.done:
             return status

@@ -209,7 +209,9 @@ class SOArm(_ArmDevice, Robot):
         return {OBS_STATE: MOTOR_NAMES, ACTION: MOTOR_NAMES}
 
     def connect(self, calibrate: bool = True) -> None:
-        """Open the port, check every motor, write the calibration, configure; then the cameras."""
+        """Open the port, check every motor, write the calibration, configure; then the cameras. All or
+        nothing: if any part fails (a device, or a camera that is not what the config says), what was
+        connected is closed again (the arm's torque off) and the error raised."""
         _require_calibration(self, "robot", self.config.arm_type, self.config.port)
         for attempt in range(1, CONNECT_ATTEMPTS + 1):
             try:
@@ -218,11 +220,17 @@ class SOArm(_ArmDevice, Robot):
             except HardwareFault:
                 if attempt == CONNECT_ATTEMPTS or not Path(self.config.port).exists():
                     raise
-        for name, settings in self.config.cameras.items():
-            with _device_errors(self, f"camera {name} ({settings.index_or_path})"):
-                camera = make_camera(settings)
-                camera.connect()
-                self.cameras[name] = camera
+        try:
+            for name, settings in self.config.cameras.items():
+                with _device_errors(self, f"camera {name} ({settings.index_or_path})"):
+                    camera = make_camera(settings)
+                    camera.connect()
+                    self.cameras[name] = camera
+        except HardwareFault:
+            raise  # _device_errors closed the arm and the cameras
+        except Exception:
+            self.close_quietly()
+            raise
         self.fault = None
         logging.getLogger().addFilter(self.step_limits)
         log.info("%s connected on %s with %d cameras", self.id, self.config.port, len(self.cameras))

@@ -29,7 +29,8 @@ def write_calibration(directory: Path, device_id: str) -> Path:
 
 
 def write_video(path: Path, seconds: float, size: tuple[int, int] = CAMERA) -> Path:
-    """A camera recording whose frame k is uniformly grey at level 2k (so a frame shows its index)."""
+    """A camera recording (`size`: height, width) whose frame k is uniformly grey at level 2k (so a
+    frame shows its index)."""
     height, width = size
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), CAMERA_FPS, (width, height))
     for k in range(int(seconds * CAMERA_FPS)):

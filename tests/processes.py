@@ -102,6 +102,14 @@ class NotifySocket:
         except queue.Empty:
             raise AssertionError(f"no notify message on {self.path} within {self.timeout} s") from None
 
+    def drain(self) -> None:
+        """Forget the messages received so far (the next `wait_for` sees only later ones)."""
+        while True:
+            try:
+                self._messages.get_nowait()
+            except queue.Empty:
+                return
+
     def wait_for(self, key: str, value: str | None = None) -> dict[str, str]:
         """The next message that sets `key` (to `value`, if given)."""
         while True:
