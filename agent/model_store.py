@@ -23,7 +23,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedbot.atomic_files import fsync_dir, write_bytes_atomic
 from fedbot.evaluation import evaluate
-from fedbot.model_manifest import MANIFEST, ModelNotTrusted, parse_public_key, verify_model_dir
+from fedbot.model_manifest import (
+    MANIFEST,
+    ModelNotTrusted,
+    claimed_version,
+    model_version,
+    parse_public_key,
+    verify_model_dir,
+)
 from fedbot.policy_io import LoadedPolicy, load_policy
 from fedbot.scenes import EVAL_SEED_START
 
@@ -61,16 +68,26 @@ def read_manifest(model: Path) -> dict:
     return manifest if isinstance(manifest, dict) else {}
 
 
-def check_model(model: Path, robot_features: dict[str, tuple], rules: CheckRules) -> LoadedPolicy:
+def check_model(
+    model: Path, robot_features: dict[str, tuple], rules: CheckRules, live: Path | None = None
+) -> LoadedPolicy:
     """Load `model` if it passes every check, in this order: signed by a trusted key with every file
-    as signed (before anything in it is parsed), then loaded without importing anything it names,
-    strictly, all weights finite, inputs and action matching this robot. Raises ModelRejected."""
+    as signed (before anything in it is parsed), not an older global version than the `live` model
+    (going back is an operator's rollback, which passes no `live`), then loaded without importing
+    anything it names, strictly, all weights finite, inputs and action matching this robot. Raises
+    ModelRejected."""
     if not rules.trusted_keys:
         raise ModelRejected("this robot trusts no signing key ([checks] trusted-keys): no model can go live")
     try:
-        verify_model_dir(model, list(rules.trusted_keys))
+        manifest = verify_model_dir(model, list(rules.trusted_keys))
     except ModelNotTrusted as why:
         raise ModelRejected(f"not trusted: {why}") from None
+    version, live_version = model_version(manifest), model_version(read_manifest(live)) if live else None
+    if version is not None and live_version is not None and version <= live_version:
+        raise ModelRejected(
+            f"version {version[0]} round {version[1]} is not newer than the live model's "
+            f"({live_version[0]} round {live_version[1]}); an operator goes back with `fedbot rollback`"
+        )
     try:
         loaded = load_policy(model, rules.device)
     except Exception as error:  # noqa: BLE001  any failure to load is a reason to reject, with its text
@@ -104,6 +121,16 @@ def feature_mismatch(loaded: LoadedPolicy, robot_features: dict[str, tuple]) -> 
 
 def sim_gate_success(loaded: LoadedPolicy, episodes: int) -> float:
     return evaluate(loaded, episodes, seed_start=GATE_SEED_START, policy_name="sim gate").success_rate
+
+
+def newest_version_held(inbox: Path) -> tuple[str, int] | None:
+    """The newest global model version a robot holds in any state, from the manifests' claims: the
+    coordinator sends a robot the latest published model only when it is newer. An agent's inbox is
+    <model-dir>/inbox, beside its kept and rejected models; a bare SuperNode has its inbox only."""
+    inbox = Path(inbox)
+    areas = [inbox, *((inbox.parent / "store", inbox.parent / "rejected") if inbox.name == "inbox" else ())]
+    directories = [p for area in areas if area.is_dir() for p in area.iterdir() if p.is_dir()]
+    return max(filter(None, map(claimed_version, directories)), default=None)
 
 
 class ModelStore:

@@ -131,12 +131,15 @@ class ModelUpdates:
             raise RuntimeError(f"the model worker did not do the rollback within {ROLLBACK_TIMEOUT:.0f} s") from None
 
     def live_summary(self) -> dict | None:
-        """The live model's name, round, sha256 and time (None: no live model)."""
+        """The live model's name, global version (run, round), sha256 and time (None: no live model)."""
         live = self.models.live()
         if live is None:
             return None
         manifest = read_manifest(live)
-        return {"name": live.name, **{key: manifest[key] for key in ("round", "sha256", "created") if key in manifest}}
+        return {
+            "name": live.name,
+            **{key: manifest[key] for key in ("run", "round", "sha256", "created") if key in manifest},
+        }
 
     # -- the worker thread ----------------------------------------------------------------------------
     def _work(self) -> None:
@@ -237,7 +240,7 @@ class ModelUpdates:
     def _consider(self, model: Path, landed_at: float) -> None:
         log.info("new model %s: checking", model.name)
         try:
-            loaded = check_model(model, self.robot_features(), self.rules)
+            loaded = check_model(model, self.robot_features(), self.rules, live=self.models.live())
             if self.rules.sim_gate_episodes > 0:
                 self.sim_gate(model.name, loaded)
         except ModelRejected as why:

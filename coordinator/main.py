@@ -1,13 +1,19 @@
 """`fedbot-coordinator`: the lab server's service around the federation.
 
+    fedbot-coordinator serve --state-dir DIR [--every S] [--min-new-episodes N] [options of run]
     fedbot-coordinator run --state-dir DIR [--tls DIR [--auth --register KEY.pub ... --register-dir DIR]]
                            [--run-config "k=v ..."]
+    fedbot-coordinator run-now --state-dir DIR
     fedbot-coordinator credentials --out DIR --host HOST [--host HOST ...]
 
 `run` starts and supervises a real `flower-superlink`, registers robots' keys, submits the Flower app
 in this repository (`flwr run`) and streams its log. If the SuperLink dies, it is started again and
 the run is submitted again: the ServerApp continues from its last saved global model and round
 (coordinator/registry.py). The same happens when the whole coordinator is restarted (systemd).
+`serve`, the service, does the same for run after run: one at its start and every `--every` seconds
+(training only if the robots recorded `--min-new-episodes`; otherwise the run only sends the fleet's
+latest model to the robots that lack it), and one at once on `run-now`. Each new run starts from the
+fleet's latest published model (coordinator/lineage.py).
 
 Under systemd it is a `Type=notify` service (deploy/systemd/fedbot-coordinator.service): READY=1 once
 robots can join, STATUS= on restarts and at the end of the run, STOPPING=1 on shutdown.
@@ -22,10 +28,13 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.credentials import make_server_certificate
 from coordinator.superlink import CONNECTION, SuperLink, SuperLinkSettings
+from fedbot.atomic_files import write_bytes_atomic
 from fedbot.flower_processes import BIN, PROJECT
 from fedbot.service import (
     configure_logging,
@@ -37,6 +46,8 @@ from fedbot.service import (
 log = logging.getLogger("fedbot.coordinator")
 
 RUN_ID = re.compile(r"Successfully started run (\d+)")
+RUN_NOW = "run-now"  # in the state dir: `fedbot-coordinator run-now` asks the service for a run
+TRIGGER_POLL_S = 1.0
 
 
 class Stopped(Exception):
@@ -78,7 +89,38 @@ def submit_and_stream(superlink: SuperLink, app: Path, run_config: list[str]) ->
     return runs[0]["status"] if runs else None
 
 
-def serve(settings: SuperLinkSettings, app: Path, run_config: list[str], register: list[Path], restarts: int) -> int:
+@dataclass(frozen=True)
+class Schedule:
+    """When `serve` starts runs: every `every` seconds (from one start to the next, the first at
+    once), each training only if the robots recorded `min_new_episodes` since the fleet's model;
+    and at once, training whatever the data, when `run_now` appears (`fedbot-coordinator run-now`)."""
+
+    every: float
+    min_new_episodes: int
+    run_now: Path
+
+    def wait(self, last_start: float | None) -> list[str]:
+        """Block until the next run is due; returns its run-config overrides."""
+        while True:
+            if self.run_now.exists():
+                self.run_now.unlink()
+                log.info("run requested (run-now)")
+                return ["min-new-episodes=0"]
+            if last_start is None or time.monotonic() - last_start >= self.every:
+                return [f"min-new-episodes={self.min_new_episodes}"]
+            time.sleep(TRIGGER_POLL_S)  # a SIGTERM interrupts it (Stopped)
+
+
+def serve(
+    settings: SuperLinkSettings,
+    app: Path,
+    run_config: list[str],
+    register: list[Path],
+    restarts: int,
+    schedule: Schedule | None = None,
+) -> int:
+    """One run to its end (`schedule` None: exit 0 if it completed), or runs for as long as the
+    service lives, each started when `schedule` says."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     superlink = SuperLink(settings)
 
@@ -88,37 +130,62 @@ def serve(settings: SuperLinkSettings, app: Path, run_config: list[str], registe
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        for attempt in range(restarts + 1):
-            superlink.start()
-            superlink.register_robots(register)
-            superlink.stop_stale_runs()
-            log.info("ready: robots can join at %s", settings.address)
-            joinable = f"robots can join at {settings.address}"
-            if attempt == 0:
-                notify_ready(joinable)
-            else:
-                notify_status(f"SuperLink restarted ({attempt} of {restarts}); {joinable}")
-            status = submit_and_stream(superlink, app, run_config)
-            if status is not None:
-                log.info("run ended: %s", status)
-                notify_status(f"run ended: {status}")
-                return 0 if status == "finished:completed" else 1
-            log.warning(
-                "the SuperLink stopped during the run (exit %s); restart %d of %d, the run resumes "
-                "from its last global model",
-                superlink.process.returncode,
-                attempt + 1,
-                restarts,
-            )
-            superlink.stop()
-        log.error("giving up after %d SuperLink restarts", restarts)
-        return 1
+        joinable = bring_up(superlink, register)
+        notify_ready(joinable)
+        if schedule is None:
+            status = run_to_end(superlink, app, run_config, register, restarts)
+            return 0 if status == "finished:completed" else 1
+        last_start = None
+        while True:
+            overrides = schedule.wait(last_start)
+            last_start = time.monotonic()
+            status = run_to_end(superlink, app, [*run_config, *overrides], register, restarts)
+            notify_status(f"last run: {status}; {joinable}")
     except Stopped as why:
         log.info("stopping (%s)", why)
         return 0
+    except GaveUp as why:
+        log.error("%s", why)
+        return 1
     finally:
         notify_stopping()
         superlink.stop()
+
+
+class GaveUp(Exception):
+    """The SuperLink died more often than allowed."""
+
+
+def bring_up(superlink: SuperLink, register: list[Path]) -> str:
+    superlink.start()
+    superlink.register_robots(register)
+    superlink.stop_stale_runs()
+    log.info("ready: robots can join at %s", superlink.settings.address)
+    return f"robots can join at {superlink.settings.address}"
+
+
+def run_to_end(superlink: SuperLink, app: Path, run_config: list[str], register: list[Path], restarts: int) -> str:
+    """Submit a run and follow it to its end; if the SuperLink dies meanwhile, start it again and
+    submit the run again (it resumes from its last global model), up to `restarts` times."""
+    for attempt in range(restarts + 1):
+        status = submit_and_stream(superlink, app, run_config)
+        if status is not None:
+            log.info("run ended: %s", status)
+            notify_status(f"run ended: {status}")
+            return status
+        if attempt == restarts:
+            break
+        log.warning(
+            "the SuperLink stopped during the run (exit %s); restart %d of %d, the run resumes "
+            "from its last global model",
+            superlink.process.returncode,
+            attempt + 1,
+            restarts,
+        )
+        superlink.stop()
+        joinable = bring_up(superlink, register)
+        notify_status(f"SuperLink restarted ({attempt + 1} of {restarts}); {joinable}")
+    raise GaveUp(f"giving up after {restarts} SuperLink restarts")
 
 
 def robot_keys(keys: list[Path], key_dirs: list[Path]) -> list[Path]:
@@ -133,18 +200,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedbot-coordinator", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="start the SuperLink, submit the federated run, stream its log")
-    run.add_argument(
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
         "--state-dir",
         type=Path,
         required=True,
         help="SuperLink database, its log and the flwr connection (FLWR_HOME=<state-dir>/flwr-home)",
     )
-    run.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on")
-    run.add_argument("--port", type=int, default=9092, help="SuperLink port (Fleet, Control and ServerAppIo APIs)")
-    run.add_argument("--tls", type=Path, metavar="DIR", help="serve TLS with DIR/ca.crt, server.pem, server.key")
-    run.add_argument("--auth", action="store_true", help="only registered robots may join (needs --tls)")
-    run.add_argument(
+    common.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on")
+    common.add_argument("--port", type=int, default=9092, help="SuperLink port (Fleet, Control and ServerAppIo APIs)")
+    common.add_argument("--tls", type=Path, metavar="DIR", help="serve TLS with DIR/ca.crt, server.pem, server.key")
+    common.add_argument("--auth", action="store_true", help="only registered robots may join (needs --tls)")
+    common.add_argument(
         "--register",
         type=Path,
         nargs="*",
@@ -152,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY.pub",
         help="robot public keys to register before the run",
     )
-    run.add_argument(
+    common.add_argument(
         "--register-dir",
         type=Path,
         action="append",
@@ -160,21 +227,43 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="register every DIR/*.pub too (repeatable; e.g. /etc/fedbot/robots for systemd)",
     )
-    run.add_argument(
+    common.add_argument(
         "--output-dir",
         type=Path,
         default=Path("outputs"),
         help="where runs, global models and metrics go (run-config output-dir)",
     )
-    run.add_argument(
+    common.add_argument(
         "--run-config",
         action="append",
         default=[],
         metavar="'k=v ...'",
         help="run-config overrides, as for `flwr run` (keys of pyproject [tool.flwr.app.config])",
     )
-    run.add_argument("--app", type=Path, default=PROJECT, help="the Flower app to run (default: this repository)")
-    run.add_argument("--restarts", type=int, default=3, help="SuperLink restarts before giving up")
+    common.add_argument("--app", type=Path, default=PROJECT, help="the Flower app to run (default: this repository)")
+    common.add_argument("--restarts", type=int, default=3, help="SuperLink restarts per run before giving up")
+    commands.add_parser(
+        "run", parents=[common], help="start the SuperLink, submit one federated run, stream its log, exit"
+    )
+    service = commands.add_parser(
+        "serve",
+        parents=[common],
+        help="the service: start the SuperLink and keep starting runs (on a schedule, when robots recorded "
+        "enough new episodes, or on run-now), each from the fleet's latest model",
+    )
+    service.add_argument(
+        "--every", type=float, default=3600.0, metavar="S", help="seconds from one scheduled run's start to the next"
+    )
+    service.add_argument(
+        "--min-new-episodes",
+        type=int,
+        default=10,
+        metavar="N",
+        help="a scheduled run trains only if the robots recorded N episodes since the fleet's model; "
+        "otherwise it only sends that model to robots that lack it",
+    )
+    run_now = commands.add_parser("run-now", help="ask the service (serve) for a run at once, whatever the new data")
+    run_now.add_argument("--state-dir", type=Path, required=True, help="the service's --state-dir")
 
     creds = commands.add_parser(
         "credentials", help="create the lab CA and the SuperLink certificate (robots make their own keys)"
@@ -190,12 +279,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "credentials":
             print(f"SuperLink certificate: {make_server_certificate(args.out, args.host)}")
             return 0
+        if args.command == "run-now":
+            if not args.state_dir.is_dir():
+                raise ValueError(f"{args.state_dir} is not a coordinator's state directory")
+            write_bytes_atomic(args.state_dir / RUN_NOW, b"")
+            print(f"run requested: the service in {args.state_dir} starts it when the current run (if any) ends")
+            return 0
         settings = SuperLinkSettings(
             state_dir=args.state_dir.resolve(), host=args.host, port=args.port, tls_dir=args.tls, auth=args.auth
         )
         register = robot_keys(args.register, args.register_dir)
         run_config = [f"output-dir='{args.output_dir.resolve()}'", *args.run_config]
-        return serve(settings, args.app.resolve(), run_config, register, args.restarts)
+        schedule = None
+        if args.command == "serve":
+            if not 0 < args.every <= 30 * 24 * 3600 or not 0 <= args.min_new_episodes <= 1_000_000:
+                raise ValueError("--every must lie in (0, 30 days] and --min-new-episodes in [0, 1000000]")
+            schedule = Schedule(args.every, args.min_new_episodes, settings.state_dir / RUN_NOW)
+        return serve(settings, args.app.resolve(), run_config, register, args.restarts, schedule)
     except (ValueError, RuntimeError, TimeoutError, OSError) as error:
         print(f"fedbot-coordinator: error: {error}", file=sys.stderr)
         return 2

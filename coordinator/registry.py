@@ -7,10 +7,12 @@
                                     what a resumed run needs besides the model (FedAdam's moments; the
                                     aggregate robots train from, with an EMA); never leaves the server
         evaluate/round_N/server/    rollouts of the server-side evaluation
-        registry.json               every saved model; which is the best and which the latest
+        registry.json               every saved model; which is the best and which the latest; the
+                                    run's lineage (the model it started from, each robot's data)
         metrics.jsonl, metrics.png  one line per round; curves refreshed each round
         replies.jsonl               what every robot sent back: record kinds, array names/shapes, keys
-        state.json                  the run config and whether the run finished (for resume)
+        state.json                  the run config, whether the run finished (for resume) and whether
+                                    it was skipped (too little new data)
 
 Every JSON file is written atomically; a model directory appears complete or not at all.
 """
@@ -21,7 +23,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -38,6 +40,15 @@ log = logging.getLogger("fedbot.coordinator.registry")
 
 # Settings that must be equal for a restarted coordinator to continue a run rather than start anew.
 RESUME_KEYS = ("preset", "strategy", "weights_dtype")
+
+
+@dataclass(frozen=True)
+class Published:
+    """A global model a finished run published: its directory, signed manifest, and run's lineage."""
+
+    path: Path
+    manifest: dict
+    lineage: dict
 
 
 class RunDirectory:
@@ -61,18 +72,50 @@ class RunDirectory:
             if not state["finished"] and same:
                 log.info("resuming the unfinished run in %s", candidate.parent)
                 return cls(candidate.parent, key)
-        directory = cls(output / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"), key)
+        name = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")  # names sort by time: a model's version
+        while (output / name).exists():  # two runs in one second (a skipped one and the next)
+            name += "+"
+        directory = cls(output / name, key)
         directory.write_state(run, finished=False)
         return directory
 
-    def write_state(self, run: RunConfig, finished: bool) -> None:
-        write_json_atomic(self.root / "state.json", {"config": asdict(run), "finished": finished})
+    def write_state(self, run: RunConfig, finished: bool, skipped: bool = False) -> None:
+        state = {"config": asdict(run), "finished": finished, "skipped": skipped}
+        write_json_atomic(self.root / "state.json", state)
+
+    def latest_published(self, preset: str) -> Published | None:
+        """The model the fleet runs now: the last model of the newest other finished run of `preset`
+        that published one (robots got it at that run's end)."""
+        for candidate in sorted(self.root.parent.glob("*/state.json"), reverse=True):
+            run_dir = candidate.parent
+            if run_dir == self.root:
+                continue
+            state = json.loads(candidate.read_text())
+            if not state["finished"] or state["config"].get("preset") != preset:
+                continue
+            registry = RunDirectory.read_registry(run_dir)
+            if registry["latest"] is not None:
+                path = run_dir / "global_model" / f"round_{registry['latest']}"
+                return Published(path, json.loads((path / MANIFEST).read_text()), registry.get("lineage") or {})
+        return None
 
     # -- models -----------------------------------------------------------------------------
     @property
     def registry(self) -> dict:
-        path = self.root / "registry.json"
-        return json.loads(path.read_text()) if path.exists() else {"models": [], "best": None, "latest": None}
+        return self.read_registry(self.root)
+
+    @staticmethod
+    def read_registry(root: Path) -> dict:
+        path = root / "registry.json"
+        empty = {"models": [], "best": None, "latest": None, "lineage": None}
+        return json.loads(path.read_text()) if path.exists() else empty
+
+    def write_lineage(self, lineage: dict) -> None:
+        """Where the run comes from: the published model it started from (None: fresh weights), the
+        robots of its first round with their data (name -> node, episodes, frames), its features."""
+        registry = self.registry
+        registry["lineage"] = lineage
+        write_json_atomic(self.root / "registry.json", registry)
 
     def latest_model(self) -> tuple[int, Path] | None:
         latest = self.registry["latest"]
@@ -94,6 +137,7 @@ class RunDirectory:
             save_file(strategy_state, str(tmp))
             os.replace(tmp, self.server_state / f"round_{server_round}.safetensors")
         fields = {
+            "run": self.root.name,  # with the round, the model's version (fedbot.model_manifest.model_version)
             "round": server_round,
             "metrics": metrics,
             "parent": registry["latest"],

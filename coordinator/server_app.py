@@ -1,9 +1,10 @@
 """The coordinator's Flower ServerApp: federated statistics, rounds, evaluation, registry, deploy.
 
-`main` is the run as a sequence of steps: start or resume, then for each round train, evaluate and
-record, and finally deploy and mark the run finished. Talking to the robots through Flower's Grid
-(waiting for them, exchanges, auditing replies) is coordinator/grid.py; the run directory with its
-models, metrics and resume state is coordinator/registry.py.
+`main` is the run as a sequence of steps: start (a census of the robots, the latest published model
+sent to those that lack it, a warm start from it; coordinator/lineage.py) or resume, then for each
+round train, evaluate and record, and finally deploy and mark the run finished. Talking to the robots
+through Flower's Grid (waiting for them, exchanges, auditing replies) is coordinator/grid.py; the run
+directory with its models, metrics and resume state is coordinator/registry.py.
 
 The rounds are driven through the strategy's own configure/aggregate methods (rather than
 `strategy.start`, which always begins at round 1) so that a restarted coordinator continues from its
@@ -23,6 +24,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,8 +39,10 @@ from flwr.serverapp.strategy import (
 )
 
 from coordinator.grid import base_strategy, exchange, fit_to_live_nodes, for_transfer, messages_to, wait_for_nodes
+from coordinator.lineage import RobotCensus, lacking, lineage, new_episodes, warm_start_from
 from coordinator.registry import RunDirectory
 from fedbot.evaluation import evaluate, features_the_simulator_lacks
+from fedbot.model_manifest import MANIFEST
 from fedbot.policy_io import LoadedPolicy, load_policy
 from fedbot.presets import get_preset
 from fedbot.run_config import RunConfig
@@ -128,6 +132,8 @@ def main(grid: Grid, context: Context) -> None:
     log_to_stdout()
     run = RunConfig.from_run_config(context.run_config)
     state, last_round = start_or_resume(grid, run, RunDirectory.open(run))
+    if state is None:
+        return  # skipped: too little new data
     for server_round in range(last_round + 1, run.num_server_rounds + 1):
         started = time.monotonic()
         # min-nodes robots when the rounds (re)start; after that, whoever is still there
@@ -152,18 +158,13 @@ def log_to_stdout() -> None:
 # -- start or resume ----------------------------------------------------------------------------
 
 
-def start_or_resume(grid: Grid, run: RunConfig, directory: RunDirectory) -> tuple[RunState, int]:
-    """The run's state and the last round done: a fresh run starts from federated statistics and
-    seeded initial weights, saved as round 0; a resumed one from its latest saved model, with the
-    statistics that model carries and the strategy's saved state."""
+def start_or_resume(grid: Grid, run: RunConfig, directory: RunDirectory) -> tuple[RunState | None, int]:
+    """The run's state and the last round done: a fresh run as `start` makes it (None: skipped); a
+    resumed one from its latest saved model, with the statistics that model carries and the
+    strategy's saved state."""
     resumed = directory.latest_model()
     if resumed is None:
-        stats, features, refused = federated_stats(grid, run, directory)
-        torch.manual_seed(run.seed)  # the initial global weights
-        state = RunState.of(run, directory, policy_from_stats(get_preset(run.preset), features, stats), stats, None)
-        state.refused = refused
-        directory.save_model(0, state.loaded, {})
-        return state, 0
+        return start(grid, run, directory), 0
     last_round, path = resumed
     loaded = load_policy(path)
     log.info("continuing after round %d from %s", last_round, path)
@@ -175,9 +176,45 @@ def start_or_resume(grid: Grid, run: RunConfig, directory: RunDirectory) -> tupl
     return state, last_round
 
 
-def federated_stats(grid: Grid, run: RunConfig, directory: RunDirectory) -> tuple[dict, dict, set[int]]:
+def start(grid: Grid, run: RunConfig, directory: RunDirectory) -> RunState | None:
+    """A new run: the robots' census; the fleet's latest published model sent to robots that lack
+    it; then, unless the robots recorded fewer than min-new-episodes since that model's run (None:
+    the run is skipped), the initial global model, saved as round 0. It is the published model
+    (warm start) when the features allow, else seeded weights on federated statistics."""
+    stats, features, refused, robots = federated_stats(grid, run, directory)
+    parent = directory.latest_published(run.preset)
+    if parent is not None:
+        send_model(grid, run, directory, parent.path, lacking(robots, parent), "catch-up deploy")
+    new = new_episodes(robots, parent)
+    if new < run.min_new_episodes:
+        log.info(
+            "%d new episodes since the last published model (min-new-episodes %d): no training",
+            new,
+            run.min_new_episodes,
+        )
+        directory.write_state(run, finished=True, skipped=True)
+        return None
+    warm = run.warm_start and warm_start_from(parent, features)
+    if warm:
+        loaded = load_policy(parent.path)
+        stats = loaded_stats(loaded)  # the weights were learned with these; the new data is trained on with them
+        log.info("starting from the published model %s (%d new episodes since)", parent.path, new)
+    else:
+        torch.manual_seed(run.seed)  # the initial global weights
+        loaded = policy_from_stats(get_preset(run.preset), features, stats)
+    state = RunState.of(run, directory, loaded, stats, None)
+    state.refused = refused
+    directory.write_lineage(lineage(parent, warm, robots, features))
+    directory.save_model(0, state.loaded, {})
+    return state
+
+
+def federated_stats(
+    grid: Grid, run: RunConfig, directory: RunDirectory
+) -> tuple[dict, dict, set[int], dict[str, RobotCensus]]:
     """Ask every robot for its dataset summary and aggregate them: the global stats, the run's
-    features (those most robots have) and the nodes refused because theirs differ, by name."""
+    features (those most robots have), the nodes refused because theirs differ (by name), and the
+    census of the others."""
     nodes = wait_for_nodes(grid, run.min_nodes, run.robot_wait_seconds)
     config = RecordDict({"config": ConfigRecord({"preset": run.preset})})
     replies, _ = exchange(grid, messages_to(nodes, config, "query.stats"), run, "statistics", directory)
@@ -196,11 +233,11 @@ def federated_stats(grid: Grid, run: RunConfig, directory: RunDirectory) -> tupl
             )
     accepted = [reply for reply in replies if reply.metadata.src_node_id not in refused]
     stats = aggregate_node_stats([record_to_stats(r.content["stats"]) for r in accepted])
-    robots = {r.content["info"]["robot"]: r.content["info"]["frames"] for r in accepted}
-    log.info("global statistics from %d robots (frames: %s)", len(accepted), robots)
+    robots = {r.content["info"]["robot"]: RobotCensus.of(r.metadata.src_node_id, r.content["info"]) for r in accepted}
+    log.info("global statistics from %d robots (frames: %s)", len(accepted), {n: r.frames for n, r in robots.items()})
     for feature in features.values():
         feature["shape"] = tuple(feature["shape"])
-    return stats, features, refused
+    return stats, features, refused, robots
 
 
 def feature_difference(run: dict, robot: dict) -> str:
@@ -398,14 +435,25 @@ def record(state: RunState, row: dict, started: float) -> None:
 
 
 def deploy(grid: Grid, state: RunState) -> None:
-    """Send the final global model, its files as signed, to every robot's model inbox."""
-    final_round, path = state.directory.latest_model()
-    content = RecordDict({"files": files_to_record(path), "config": ConfigRecord({"round": final_round})})
+    """Send the final global model to every robot connected now (the others get it when they next
+    join a run: `start`)."""
+    _, path = state.directory.latest_model()
     nodes = [node for node in grid.get_node_ids() if node not in state.refused]
-    messages = messages_to(nodes, content, "query.deploy")
-    replies, _ = exchange(grid, messages, state.run, "deploy", state.directory)
+    send_model(grid, state.run, state.directory, path, nodes, "deploy")
+
+
+def send_model(grid: Grid, run: RunConfig, directory: RunDirectory, model: Path, nodes: list[int], what: str) -> None:
+    """Send a published model's files, as signed, to the model inbox of each of `nodes`."""
+    if not nodes:
+        return
+    manifest = json.loads((model / MANIFEST).read_text())
+    config = ConfigRecord({"round": int(manifest["round"])})
+    content = RecordDict({"files": files_to_record(model), "config": config})
+    replies, _ = exchange(grid, messages_to(nodes, content, "query.deploy"), run, what, directory)
     for reply in replies:
-        log.info("deployed round %d to %s", final_round, reply.content["deployed"]["robot"])
+        log.info(
+            "%s: %s round %s to %s", what, manifest.get("run"), manifest["round"], reply.content["deployed"]["robot"]
+        )
 
 
 def finish(state: RunState) -> None:

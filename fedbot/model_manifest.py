@@ -93,6 +93,26 @@ def key_id(key: Ed25519PublicKey) -> str:
 
 
 # -- signing and verifying -------------------------------------------------------------------------
+def model_version(manifest: dict) -> tuple[str, int] | None:
+    """A published global model's version: (the run it comes from, its round), ordered by time since
+    run names are their start times (coordinator/registry.py). None for a model without one (signed
+    by hand, or malformed)."""
+    run, server_round = manifest.get("run"), manifest.get("round")
+    if isinstance(run, str) and isinstance(server_round, int) and not isinstance(server_round, bool):
+        return run, server_round
+    return None
+
+
+def claimed_version(directory: Path) -> tuple[str, int] | None:
+    """The version a model directory's manifest names, read without verifying it: only for telling
+    the coordinator what a robot holds, never for a decision about the model itself."""
+    try:
+        manifest = json.loads(_read_small(Path(directory) / MANIFEST))
+    except (ModelNotTrusted, OSError, ValueError):
+        return None
+    return model_version(manifest) if isinstance(manifest, dict) else None
+
+
 def sign_model_dir(directory: Path, key: Ed25519PrivateKey, fields: dict) -> dict:
     """Write manifest.json (every file of `directory` by sha256, plus `fields`) and manifest.sig.
     Call it on a complete directory before it is published (renamed into place)."""

@@ -39,6 +39,8 @@ class RunConfig:
     robot_wait_seconds: float = 3600.0  # a (re)started run waits this long for min-nodes robots, then goes on
     sim_data_dir: str = "data/fleet"
     signing_key: str = ""  # the coordinator's Ed25519 key for published models; "": <output-dir>/signing.key
+    warm_start: bool = True  # start from the fleet's latest published model (same preset and features)
+    min_new_episodes: int = 0  # train only if the robots recorded this many episodes since that model's run
 
     @property
     def total_steps(self) -> int:
@@ -69,7 +71,7 @@ class RunConfig:
         for key in ("num-server-rounds", "min-nodes", "local-steps", "eval-every", "save-every"):
             if getattr(self, key.replace("-", "_")) < 1:
                 raise bad(key, "must be >= 1")
-        for key in ("batch-size", "lr", "eval-episodes", "dp-noise-multiplier"):
+        for key in ("batch-size", "lr", "eval-episodes", "dp-noise-multiplier", "min-new-episodes"):
             if getattr(self, key.replace("-", "_")) < 0:
                 raise bad(key, "must be >= 0")
         if not 0.0 < self.dp_clipping_norm <= 1e6:

@@ -51,12 +51,20 @@ def record_wander(root: Path, episodes: int, steps: int = 20, seed_start: int = 
 
 
 def deliver_model(
-    policy_dir: Path, inbox: Path, name: str, key: Path, round_number: int = 1, edit=None, tamper=None
+    policy_dir: Path,
+    inbox: Path,
+    name: str,
+    key: Path,
+    round_number: int = 1,
+    edit=None,
+    tamper=None,
+    run: str | None = None,
 ) -> Path:
     """Put a copy of a saved policy into a model inbox the way a deploy does: signed with the private
     key at `key` (a manifest of every file's sha256), written under a hidden name and renamed into
     place. `edit(directory)` changes the copy before it is signed (a bad model its signer vouches
-    for); `tamper(directory)` after (an attacker's change on the way)."""
+    for); `tamper(directory)` after (an attacker's change on the way). `run`: the coordinator run it
+    comes from (with the round, its global version)."""
     import os
     import shutil
 
@@ -67,7 +75,8 @@ def deliver_model(
     shutil.copytree(policy_dir, staging)
     if edit is not None:
         edit(staging)
-    sign_model_dir(staging, load_private_key(key), {"round": round_number, "created": "2026-01-01T00:00:00"})
+    fields = {"round": round_number, "created": "2026-01-01T00:00:00", **({"run": run} if run else {})}
+    sign_model_dir(staging, load_private_key(key), fields)
     if tamper is not None:
         tamper(staging)
     os.rename(staging, inbox / name)

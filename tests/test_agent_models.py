@@ -116,6 +116,21 @@ def test_a_model_for_another_robot_is_rejected(untrained_policy, tmp_path, lab_k
         check_model(model, no_keypoints, rules(lab_key))
 
 
+def test_a_model_not_newer_than_the_live_one_is_rejected(untrained_policy, tmp_path, lab_key):
+    """A robot never goes back to an older global model by a delivery (a late or replayed deploy);
+    only the operator's rollback does. Hand-signed models without a version are not ordered."""
+    live = deliver_model(untrained_policy, tmp_path / "store", "live", lab_key, 2, run="2026-03-01_10-00-00")
+    for name, run, round_number in (("older-run", "2026-02-01_10-00-00", 9), ("same", "2026-03-01_10-00-00", 2)):
+        model = deliver_model(untrained_policy, tmp_path / "inbox", name, lab_key, round_number, run=run)
+        with pytest.raises(ModelRejected, match=r"is not newer than the live model's \(2026-03-01_10-00-00 round 2\)"):
+            check_model(model, FEATURES, rules(lab_key), live=live)
+    for name, run, round_number in (("next-round", "2026-03-01_10-00-00", 3), ("next-run", "2026-04-01_10-00-00", 0)):
+        model = deliver_model(untrained_policy, tmp_path / "inbox", name, lab_key, round_number, run=run)
+        check_model(model, FEATURES, rules(lab_key), live=live)
+    by_hand = deliver_model(untrained_policy, tmp_path / "inbox", "by-hand", lab_key, 1)
+    check_model(by_hand, FEATURES, rules(lab_key), live=live)
+
+
 def test_store_history_rollback_and_pruning(untrained_policy, tmp_path, lab_key):
     store = ModelStore(tmp_path / "models", keep=2)
     names = []
