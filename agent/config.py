@@ -106,6 +106,7 @@ class IdleSection:
     min_new_episodes: int = 1  # recorded since the robot last trained in a round
     hours: list[int] = field(default_factory=lambda: [0, 24])  # local hours [start, end) it may federate
     cooldown_seconds: float = 30.0  # after recording or running a policy
+    check_in_hours: float = 24.0  # joins without new episodes when its last round is older (models it missed)
 
 
 @dataclass(frozen=True)
@@ -265,6 +266,8 @@ def _validate(config: AgentConfig, source: str) -> None:
         raise bad("checks.keep-models", "must be >= 2 (the live model and one to roll back to)")
     if config.checks.sim_gate_episodes < 0:
         raise bad("checks.sim-gate-episodes", "must be >= 0")
+    if not 0 < config.idle.check_in_hours <= 24 * 365:
+        raise bad("idle.check-in-hours", f"must lie in (0, 8760], got {config.idle.check_in_hours!r}")
     if config.idle.min_new_episodes < 0 or config.idle.cooldown_seconds < 0:
         raise bad("idle", "min-new-episodes and cooldown-seconds must be >= 0")
     root_certificates = config.coordinator.root_certificates

@@ -20,7 +20,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from agent.config import AgentConfig
+from agent.config import AgentConfig, IdleSection
 from agent.supernode import SuperNode, SuperNodeSettings, rounds_joined
 from fedbot.episode_store import committed_episodes
 
@@ -59,13 +59,9 @@ class Federation:
     def idle_blockers(self) -> list[str]:
         """Why the robot may not join the federation now (empty: it may)."""
         rules, blockers = self.config.idle, []
-        episodes = committed_episodes(self.config.dataset_root)
-        rounds = self.rounds()
-        new = episodes - (rounds[-1]["episodes"] if rounds else 0)
-        if episodes == 0:
-            blockers.append("no episodes recorded")
-        elif new < rules.min_new_episodes:
-            blockers.append(f"{new} new episodes since the last round, {rules.min_new_episodes} needed")
+        data = data_blocker(committed_episodes(self.config.dataset_root), self.rounds(), rules, time.time())
+        if data:
+            blockers.append(data)
         if not within_hours(datetime.now().hour, rules.hours):
             blockers.append(f"outside the allowed hours {rules.hours[0]}-{rules.hours[1]}")
         quiet = time.monotonic() - self._quiet_since
@@ -124,6 +120,21 @@ class Federation:
             "failures": self.failures,
             "blocked-by": self.idle_blockers(),
         }
+
+
+def data_blocker(episodes: int, rounds: list[dict], rules: IdleSection, now: float) -> str | None:
+    """Why the robot's data keeps it out of the federation (None: it may join): no episodes, or fewer
+    new ones since its last round than min-new-episodes, unless that round is more than
+    check-in-hours ago (`now`, like a round's time, in seconds since the epoch): then it joins anyway,
+    to be counted in the next run's census and to receive a model it missed."""
+    if episodes == 0:
+        return "no episodes recorded"
+    new = episodes - (rounds[-1]["episodes"] if rounds else 0)
+    if new >= rules.min_new_episodes:
+        return None
+    if rounds and now - rounds[-1]["time"] > rules.check_in_hours * 3600:
+        return None
+    return f"{new} new episodes since the last round, {rules.min_new_episodes} needed"
 
 
 def within_hours(hour: int, hours: list[int]) -> bool:

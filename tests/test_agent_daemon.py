@@ -15,7 +15,7 @@ import pytest
 from test_agent_models import _flip_bytes, _nan, _truncate, _unsign, _wrong_shape
 
 from agent.config import AgentConfig, ChecksSection, ControlSection, CoordinatorSection, IdleSection
-from agent.federation import within_hours
+from agent.federation import data_blocker, within_hours
 from agent.main import main as agent_main
 from fedbot.control_client import request
 from fedbot.episode_store import committed_episodes
@@ -72,6 +72,27 @@ def fedbot(directory: Path, *args: str) -> str:
 def test_allowed_hours(hours, inside, outside):
     assert all(within_hours(hour, hours) for hour in inside)
     assert not any(within_hours(hour, hours) for hour in outside)
+
+
+HOUR = 3600.0
+
+
+@pytest.mark.parametrize(
+    ("episodes", "last_round", "blocker"),
+    [
+        (0, None, "no episodes recorded"),
+        (3, None, None),  # never federated: all its episodes are new
+        (5, (3, 1 * HOUR), "2 new episodes since the last round, 3 needed"),
+        (6, (3, 1 * HOUR), None),
+        (3, (3, 23 * HOUR), "0 new episodes since the last round, 3 needed"),
+        (3, (3, 25 * HOUR), None),  # a check-in: counted by the coordinator, sent a model it missed
+    ],
+)
+def test_the_data_rule_for_joining_the_federation(episodes, last_round, blocker):
+    rules = IdleSection(min_new_episodes=3, check_in_hours=24.0)
+    now = 1_000_000.0
+    rounds = [] if last_round is None else [{"episodes": last_round[0], "time": now - last_round[1]}]
+    assert data_blocker(episodes, rounds, rules, now) == blocker
 
 
 @pytest.mark.parametrize(

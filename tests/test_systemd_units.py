@@ -84,7 +84,7 @@ EXPECTED = {
     "coordinator": {
         **BOTH,
         ("Service", "StateDirectory"): "fedbot-coordinator",
-        ("Service", "ExecStart"): "/opt/fedbot/.venv/bin/fedbot-coordinator run --tls /etc/fedbot/tls --auth "
+        ("Service", "ExecStart"): "/opt/fedbot/.venv/bin/fedbot-coordinator serve --tls /etc/fedbot/tls --auth "
         "--register-dir /etc/fedbot/robots",
     },
 }
@@ -123,7 +123,7 @@ def test_coordinator_notifies_ready_and_stopping(tmp_path):
     env.pop("JOURNAL_STREAM", None)  # plain lines on stderr, as in a terminal
     command = [
         str(BIN / "fedbot-coordinator"),
-        "run",
+        "serve",  # as the unit starts it
         "--state-dir",
         str(tmp_path / "state"),
         "--port",
