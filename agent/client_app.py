@@ -25,7 +25,7 @@ from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
 from lerobot.utils.constants import ACTION
 
 from agent.inbox import write_to_inbox
-from agent.model_store import newest_version_held
+from agent.model_store import versions_held
 from agent.supernode import NodeSettings, note_round
 from fedbot.atomic_files import write_bytes_atomic
 from fedbot.evaluation import evaluate
@@ -67,7 +67,7 @@ def global_policy(content: RecordDict, run: RunConfig, features: dict) -> Loaded
 @app.query("stats")
 def dataset_stats(msg: Message, context: Context) -> Message:
     """Summary statistics and feature shapes of the policy's inputs and actions in this robot's data, its
-    episode count and the newest global model version it holds."""
+    episode count and the global model versions it holds (newest, live)."""
     run, node = _settings(context)
     meta = _metadata(node)
     keys = [*get_preset(run.preset).inputs(meta.features), ACTION]
@@ -78,7 +78,7 @@ def dataset_stats(msg: Message, context: Context) -> Message:
             "frames": meta.total_frames,
             "episodes": meta.total_episodes,
             "robot": node.name,
-            "newest-model": json.dumps(newest_version_held(node.model_inbox)),
+            "models": json.dumps(versions_held(node.model_inbox)),
         }
     )
     return Message(RecordDict({"stats": stats_to_record(meta.stats, keys), "info": info}), reply_to=msg)

@@ -123,14 +123,23 @@ def sim_gate_success(loaded: LoadedPolicy, episodes: int) -> float:
     return evaluate(loaded, episodes, seed_start=GATE_SEED_START, policy_name="sim gate").success_rate
 
 
-def newest_version_held(inbox: Path) -> tuple[str, int] | None:
-    """The newest global model version a robot holds in any state, from the manifests' claims: the
-    coordinator sends a robot the latest published model only when it is newer. An agent's inbox is
-    <model-dir>/inbox, beside its kept and rejected models; a bare SuperNode has its inbox only."""
+def versions_held(inbox: Path) -> dict:
+    """The global model versions a robot holds, from the manifests' claims: `newest` in any state
+    (waiting in the inbox, kept, rejected), which the coordinator compares with its latest published
+    model, and `live`, for its status. An agent's inbox is <model-dir>/inbox, beside its kept and
+    rejected models; a bare SuperNode has its inbox only. Creates nothing."""
     inbox = Path(inbox)
-    areas = [inbox, *((inbox.parent / "store", inbox.parent / "rejected") if inbox.name == "inbox" else ())]
+    agent_layout = inbox.name == "inbox"
+    areas = [inbox, *((inbox.parent / "store", inbox.parent / "rejected") if agent_layout else ())]
     directories = [p for area in areas if area.is_dir() for p in area.iterdir() if p.is_dir()]
-    return max(filter(None, map(claimed_version, directories)), default=None)
+    live = None
+    if agent_layout and (inbox.parent / "store" / HISTORY).is_file():
+        try:
+            history = json.loads((inbox.parent / "store" / HISTORY).read_text())
+            live = claimed_version(inbox.parent / "store" / str(history[-1])) if history else None
+        except (OSError, ValueError, TypeError, KeyError):
+            live = None
+    return {"newest": max(filter(None, map(claimed_version, directories)), default=None), "live": live}
 
 
 class ModelStore:

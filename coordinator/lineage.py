@@ -27,12 +27,29 @@ class RobotCensus:
     episodes: int
     frames: int
     newest_model: tuple[str, int] | None  # the newest global version it holds, in any state
+    live_model: tuple[str, int] | None  # the version its controller runs (an agent's robot)
 
     @classmethod
     def of(cls, node: int, info) -> RobotCensus:
-        newest = json.loads(str(info.get("newest-model", "null")))
-        version = (str(newest[0]), int(newest[1])) if isinstance(newest, list) and len(newest) == 2 else None
-        return cls(node, int(info["episodes"]), int(info["frames"]), version)
+        """From a stats reply's info; the robot's claims about its models are bounded and typed here."""
+        try:
+            models = json.loads(str(info.get("models", "{}"))[:1000])
+        except ValueError:
+            models = {}
+        models = models if isinstance(models, dict) else {}
+        return cls(
+            node,
+            int(info["episodes"]),
+            int(info["frames"]),
+            _version(models.get("newest")),
+            _version(models.get("live")),
+        )
+
+
+def _version(value) -> tuple[str, int] | None:
+    if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int):
+        return value[0][:64], value[1]
+    return None
 
 
 def lacking(robots: dict[str, RobotCensus], published: Published) -> list[int]:

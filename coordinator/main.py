@@ -4,6 +4,7 @@
     fedbot-coordinator run --state-dir DIR [--tls DIR [--auth --register KEY.pub ... --register-dir DIR]]
                            [--run-config "k=v ..."]
     fedbot-coordinator run-now --state-dir DIR
+    fedbot-coordinator status [--output-dir DIR] [--json]
     fedbot-coordinator credentials --out DIR --host HOST [--host HOST ...]
 
 `run` starts and supervises a real `flower-superlink`, registers robots' keys, submits the Flower app
@@ -22,6 +23,7 @@ robots can join, STATUS= on restarts and at the end of the run, STOPPING=1 on sh
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import signal
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.credentials import make_server_certificate
+from coordinator.fleet_status import fleet_status, print_status
 from coordinator.superlink import CONNECTION, SuperLink, SuperLinkSettings
 from fedbot.atomic_files import write_bytes_atomic
 from fedbot.flower_processes import BIN, PROJECT
@@ -262,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         help="a scheduled run trains only if the robots recorded N episodes since the fleet's model; "
         "otherwise it only sends that model to robots that lack it",
     )
+    status = commands.add_parser("status", help="the robots the runs have seen: data, models, last contact")
+    status.add_argument("--output-dir", type=Path, default=Path("outputs"), help="the coordinator's --output-dir")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     run_now = commands.add_parser("run-now", help="ask the service (serve) for a run at once, whatever the new data")
     run_now.add_argument("--state-dir", type=Path, required=True, help="the service's --state-dir")
 
@@ -278,6 +284,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "credentials":
             print(f"SuperLink certificate: {make_server_certificate(args.out, args.host)}")
+            return 0
+        if args.command == "status":
+            fleet = fleet_status(args.output_dir)
+            if args.json:
+                print(json.dumps(fleet, indent=2))
+            else:
+                print_status(fleet)
             return 0
         if args.command == "run-now":
             if not args.state_dir.is_dir():

@@ -187,6 +187,7 @@ def start(grid: Grid, run: RunConfig, directory: RunDirectory) -> RunState | Non
         send_model(grid, run, directory, parent.path, lacking(robots, parent), "catch-up deploy")
     new = new_episodes(robots, parent)
     if new < run.min_new_episodes:
+        directory.write_lineage(lineage(parent, False, robots, features))  # the census, for status
         log.info(
             "%d new episodes since the last published model (min-new-episodes %d): no training",
             new,

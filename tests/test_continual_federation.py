@@ -54,7 +54,8 @@ def test_the_service_runs_again_from_the_fleets_model_and_robots_that_missed_it_
     coordinator.wait_for(r"run ended: finished:completed", timeout=120)
     (skipped,) = lab.run_dirs()
     assert json.loads((skipped / "state.json").read_text())["skipped"]
-    assert not (skipped / "registry.json").exists()
+    skipped_registry = json.loads((skipped / "registry.json").read_text())
+    assert skipped_registry["models"] == [] and set(skipped_registry["lineage"]["robots"]) == {"robot0", "robot1"}
 
     # run-now: trained whatever the data, from fresh weights (no model published yet), deployed to both.
     run_now(lab)
@@ -98,3 +99,15 @@ def test_the_service_runs_again_from_the_fleets_model_and_robots_that_missed_it_
     assert [(m["run"], m["round"]) for m in models_in(inbox)] == [(first.name, 1), (second.name, 1)]
     for model in inbox.iterdir():
         verify_model_dir(model, [coordinator_key])
+
+    # The coordinator's view of the fleet: whom each run counted, with their data and models.
+    command = [str(BIN / "fedbot-coordinator"), "status", "--output-dir", str(lab.outputs), "--json"]
+    status = json.loads(subprocess.run(command, check=True, capture_output=True, text=True, timeout=60).stdout)
+    assert status["runs"] == 3 and status["latest-published"] == {"run": second.name, "round": 1}
+    seen = status["robots"]
+    assert {name: (r["last-seen"], r["episodes"], r["rounds-trained"]) for name, r in seen.items()} == {
+        "robot0": (second.name, 3, 2),
+        "robot1": (first.name, 2, 1),
+        "robot2": (second.name, 2, 1),
+    }
+    assert seen["robot1"]["newest-model"] is None and seen["robot0"]["newest-model"] == [first.name, 1]
