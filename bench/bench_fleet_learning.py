@@ -70,10 +70,10 @@ class Results:
         print(json.dumps(row), flush=True)
 
 
-def evaluate_point(results: Results, policy: Path, episodes: int, scenes: tuple[int, int], **key) -> None:
+def evaluate_point(results: Results, policy: Path, episodes: int, part: tuple[int, int], **key) -> None:
     if results.has(**key):
         return
-    report = evaluate(load_policy(policy), episodes, scenes=scenes)
+    report = evaluate(load_policy(policy), episodes, scenes=part)
     successes = sum(e.success for e in report.episodes)
     results.add(
         {
