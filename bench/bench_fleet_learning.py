@@ -6,7 +6,8 @@ same recipe (the preset's) and the same compute:
 
 - local: each robot alone on its own episodes, for its local steps summed over the rounds;
 - federated: the project's ServerApp and ClientApp on Flower's simulation engine (`--strategies`:
-  FedAvg and any of FedProx, FedAdam), `--rounds` rounds of `--local-steps` per robot;
+  FedAvg and any of FedProx, FedAdam; `--dp-noise`: with client-level differential privacy),
+  `--rounds` rounds of `--local-steps` per robot;
 - centralized: the pooled episodes (lerobot's aggregate_datasets), as many gradient samples as the
   federation (robots x rounds x local steps, same batch size).
 
@@ -19,7 +20,7 @@ arms come first. Prints a table with 95% Wilson intervals and writes `<work>/fle
 
     .venv/bin/python bench/bench_fleet_learning.py [--robots 4] [--episodes 25] [--rounds 20]
         [--local-steps 500] [--budgets 5 10 20] [--eval 100] [--seeds 0 1] [--arms local federated centralized]
-        [--strategies fedavg] [--upto ROUNDS] [--work DIR]
+        [--strategies fedavg] [--dp-noise Z --dp-clip C] [--upto ROUNDS] [--work DIR]
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ def train_alone(
 def federate(args, results: Results, data: Path, work: Path, strategy: str, seed: int) -> None:
     """The real ServerApp and ClientApp on Flower's simulation engine; the run's saved global
     models are evaluated at each budget. A stopped run is continued by the coordinator's resume."""
-    arm = f"federated-{strategy}"
+    arm = f"federated-{strategy}" + (f"-dp{args.dp_noise:g}-clip{args.dp_clip:g}" if args.dp_noise > 0 else "")
     if all(results.has(arm=arm, seed=seed, budget_rounds=b, robot=None, scenes="all") for b in args.budgets):
         return
     out = work / f"{arm}-seed{seed}"
@@ -153,6 +154,8 @@ def federate(args, results: Results, data: Path, work: Path, strategy: str, seed
         fraction_evaluate=0.0,
         eval_episodes=0,
         strategy=strategy,
+        dp_noise_multiplier=args.dp_noise,
+        dp_clipping_norm=args.dp_clip,
         seed=seed,
         preset=args.preset,
         sim_data_dir=str(data),
@@ -275,6 +278,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
     parser.add_argument("--arms", nargs="+", default=["local", "federated", "centralized"])
     parser.add_argument("--strategies", nargs="+", default=["fedavg"])
+    parser.add_argument("--dp-noise", type=float, default=0.0, help="federated arms with differential privacy")
+    parser.add_argument("--dp-clip", type=float, default=1.0, help="the L2 norm robots clip their updates to")
     parser.add_argument("--preset", default="pusht-state")
     parser.add_argument("--upto", type=int, default=None, help="pause every arm after this many rounds")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "fedbot-fleet-learning")
