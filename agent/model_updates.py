@@ -229,7 +229,7 @@ class ModelUpdates:
         try:
             self._auto_rollback(name, f"failed at run time: {reason}", when)
         except _Stopping:
-            log.error("the agent is stopping: model %s stays live (it fails again at its next run)", name)
+            log.error("the agent is stopping: the rollback from model %s is done at the next start", name)
         except Exception as error:  # noqa: BLE001  shown as a fault; the worker goes on
             self.faults.report("models", error, "auto-rollback")
 
