@@ -11,6 +11,11 @@ also told to stop where it is whenever the policy fails or has no action ready f
 chunk is late), so it never coasts on to the last goal it was sent. A robot whose port or camera
 fails (`HardwareFault`) ends the run; the agent reconnects it.
 
+A model that fails at run time (`PolicyFailed`: its inference raised, or a chunk of its actions is not
+finite or out of the robot's bounds, agent/action_checks.py) ends the run: the robot holds, no action of
+the failing chunk is sent, and `on_policy_failure` tells the model worker, which rolls back
+(agent/model_updates.py); the loop only signals, so the tick never waits for it.
+
 An exception that escapes a tick (not the policy's, which holds the robot) ends the loop: a fatal
 fault (agent/faults.py), logged with its traceback; the loop then no longer ticks, so the agent stops
 feeding the systemd watchdog and is restarted. `close` holds, ends a run in progress (its caller gets
@@ -24,13 +29,14 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from lerobot.utils.robot_utils import precise_sleep
 
-from agent.action_chunks import ChunkedInference
+from agent.action_chunks import ChunkedInference, PolicyFailed
 from agent.faults import Faults
 from fedbot.policy_io import LoadedPolicy
 from hardware.errors import HardwareFault
@@ -69,7 +75,9 @@ class ControlLoop:
         self.faults = faults or Faults()
         self.inference_threads = inference_threads
         self.period = 1.0 / rate_hz
-        self.inference = ChunkedInference(self.period)
+        self.inference = ChunkedInference(self.period, lambda: robot.action_bounds)
+        # Called on the control thread with (model name, reason) when the live model fails: must not block.
+        self.on_policy_failure: Callable[[str, str], None] | None = None
         self.mode = HOLD
         self.live_name: str | None = None
         self.error: str | None = None  # the last policy or hardware error (the loop then holds)
@@ -245,9 +253,16 @@ class ControlLoop:
             self.error = f"hardware fault: {fault}"
             log.error("%s; the run ends", self.error)
             self._end_run()
-        except Exception as error:  # noqa: BLE001  a failing policy must not stop the loop: hold
+        except PolicyFailed as failure:
+            self.error = str(failure)
+            log.error("%s; the run ends, holding", self.error)
+            self._end_run()
+            self._hold_robot()
+            if self.on_policy_failure is not None:
+                self.on_policy_failure(failure.model, failure.reason)
+        except Exception as error:  # noqa: BLE001  a failing tick must not stop the loop: hold
             self.error = f"{type(error).__name__}: {error}"
-            log.error("policy failed, holding: %s", self.error)
+            log.error("the tick failed, holding: %s", self.error)
             self._end_run()
             self._hold_robot()
 
@@ -264,7 +279,7 @@ class ControlLoop:
 
     def _install(self, ticket: SwapTicket) -> None:
         self._ticket = None
-        self.inference.set_policy(ticket.loaded)
+        self.inference.set_policy(ticket.loaded, ticket.name)
         self.live_name = ticket.name
         ticket.installed_tick = self.ticks
         if self.mode == RUN:

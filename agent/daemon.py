@@ -9,7 +9,9 @@ transition logged and shown in `fedbot status` and systemd's STATUS:
     federating      the robot's flower-supernode is up and trains when the coordinator asks
 
 Recording and running the policy preempt federating: the SuperNode gets SIGTERM and leaves. New
-models arriving in the inbox are checked and hot-swapped in any state.
+models arriving in the inbox are checked and hot-swapped in any state. A live model that fails at run
+time (its inference raises, or its actions are not finite or out of the robot's bounds) is rolled back
+automatically (agent/model_updates.py); `last-auto-rollback` in the status says which, why and when.
 
 A robot whose serial port or camera fails (`HardwareFault`) loses the episode in progress; the
 fault shows in `fedbot status` and the agent reconnects the robot once the device is back.
@@ -99,6 +101,7 @@ class Agent:
         self.updates = ModelUpdates(
             self.models, self.control, rules, self._robot_features, self._report_status, faults=self.faults
         )
+        self.control.on_policy_failure = self.updates.policy_failed  # automatic rollback
         self.federation = Federation(config, self.models.inbox)
         self.requests = ControlRequests(
             status=self.status,
@@ -465,6 +468,7 @@ class Agent:
                 "policy-error": self.control.error,
             },
             "last-swap": self.updates.last_swap,
+            "last-auto-rollback": self.models.failed.last(),
             "last-run": self.last_run,
             "rejected": self.models.rejections()[:5],
         }

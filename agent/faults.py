@@ -6,7 +6,8 @@ thread, task, error, since, count, next retry) and in systemd's STATUS line, unt
 done its job again. What a thread does after a fault is its own policy, written in its module:
 
     recovers (retries with back-off, the fault stays shown until it succeeds)
-        models      agent/model_updates.py: the inbox pass is retried; the live model stays live
+        models      agent/model_updates.py: the inbox pass is retried; the live model stays live; an
+                    automatic rollback with no model to go back to is shown until a new one goes live
         observer    agent/model_updates.py: a watch that stopped (the inbox removed) is set up again;
                     the inbox is polled meanwhile
         supervisor  agent/daemon.py: each task (robot reconnect, federation) is retried; the loop goes on

@@ -4,6 +4,7 @@
     <model-dir>/store/<name>/      models that passed every check
     <model-dir>/store/history.json the models that went live, oldest first; the last one is live
     <model-dir>/rejected/<name>/   models that failed, with reason.txt
+    <model-dir>/failed-at-run-time.json  models that failed at run time, never taken again (agent/failed_models.py)
 
 A model becomes live only through `history.json`, written atomically after the model passed its
 checks and was swapped in; a model half-written or half-checked when the agent dies is never in it.
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from agent.failed_models import FailedModels
 from fedbot.atomic_files import fsync_dir, write_bytes_atomic
 from fedbot.evaluation import evaluate
 from fedbot.model_manifest import (
@@ -150,6 +152,7 @@ class ModelStore:
         self.store = Path(model_dir) / "store"
         self.rejected = Path(model_dir) / "rejected"
         self.keep = keep
+        self.failed = FailedModels(model_dir)
         for directory in (self.inbox, self.store, self.rejected):
             directory.mkdir(parents=True, exist_ok=True)
         for leftover in self.store.glob(".*"):  # an accept or history write cut short
@@ -234,6 +237,11 @@ class ModelStore:
     def stage_rollback(self) -> Path:
         """The history with the previous model live again, staged like `stage_live`."""
         return self._stage_history(self.history()[:-1])
+
+    def stage_without(self, name: str) -> Path:
+        """The history without model `name` (the one before it live again if it was live), staged like
+        `stage_live`."""
+        return self._stage_history([entry for entry in self.history() if entry != name])
 
     def _stage_history(self, history: list[str]) -> Path:
         staged = self.store / f".{HISTORY}.next"  # a leftover is removed at the next start

@@ -9,6 +9,17 @@ that fails goes to `rejected/` with the reason. This happens in any state of the
 control thread. Rollbacks (`fedbot rollback`) run on the same worker thread, so that a rollback and
 a swap never interleave: a rollback asked for during a swap happens after it.
 
+Automatic rollback: when the live model fails at run time (agent/controller.py: its inference raised,
+or it produced actions that are not finite or out of the robot's bounds), the control loop holds the
+robot and signals this worker (`policy_failed`), which then, in order: records the model in the
+ledger of failed models (agent/failed_models.py), moves it to `rejected/` with the reason "failed at
+run time: ...", swaps the previous model in (checked like an operator's rollback) and commits the
+history without it. The model is not taken again: a delivery with its name or content is rejected,
+and it is neither made live at start nor chosen by a later rollback. The run that failed stays ended;
+the next `fedbot run` uses the previous model. With no previous model that passes its checks, the
+failing model stays live, nothing is marked, and a fault of the `models` thread (`auto-rollback`)
+says so until a new model goes live.
+
 Faults (agent/faults.py), and what the worker does about them:
 
 - Anything but a rejection that fails an inbox pass (a full disk, a read-only or vanished directory)
@@ -74,7 +85,8 @@ class ModelUpdates:
         self.on_change = on_change
         self.faults = faults or Faults()
         self.last_swap: dict | None = None
-        self._requests: queue.Queue[tuple] = queue.Queue()  # ("landed", name, time) | ("rollback", Future)
+        # ("landed", name, time) | ("rollback", Future) | ("failed", name, reason, time) | ("stop",)
+        self._requests: queue.Queue[tuple] = queue.Queue()
         self._landed: dict[str, float] = {}  # model name -> when it landed (for the swap latency)
         self._gate_scores: dict[str, float] = {}
         self._observer: Observer | None = None
@@ -86,6 +98,7 @@ class ModelUpdates:
         while (live := self.models.live()) is not None:
             try:
                 loaded = check_model(live, self.robot_features(), self.rules)
+                self._refuse_failed(live)
             except ModelRejected as why:
                 log.error("live model %s fails its checks now (%s); falling back to the one before", live.name, why)
                 self.models.rolled_back()
@@ -129,6 +142,11 @@ class ModelUpdates:
             return future.result(timeout=ROLLBACK_TIMEOUT)
         except TimeoutError:
             raise RuntimeError(f"the model worker did not do the rollback within {ROLLBACK_TIMEOUT:.0f} s") from None
+
+    def policy_failed(self, name: str, reason: str) -> None:
+        """Model `name` failed at run time (the control loop's signal, on its thread: never blocks); the
+        worker rolls back after a swap or rollback in progress."""
+        self._requests.put(("failed", name, reason, time.time()))
 
     def live_summary(self) -> dict | None:
         """The live model's name, global version (run, round), sha256 and time (None: no live model)."""
@@ -174,6 +192,8 @@ class ModelUpdates:
                 self._landed[request[1]] = request[2]
             elif request[0] == "rollback":
                 self._do_rollback(request[1])
+            elif request[0] == "failed":
+                self._do_auto_rollback(*request[1:])
             try:
                 request = self._requests.get_nowait()
             except queue.Empty:
@@ -198,6 +218,7 @@ class ModelUpdates:
             raise RuntimeError("no previous model to roll back to")
         try:
             loaded = check_model(previous, self.robot_features(), self.rules)
+            self._refuse_failed(previous)
         except ModelRejected as why:
             raise RuntimeError(f"the previous model {previous.name} fails its checks now: {why}") from None
         staged = self.models.stage_rollback()
@@ -206,6 +227,54 @@ class ModelUpdates:
         log.info("rolled back to %s", previous.name)
         self.on_change()
         return {"live": previous.name}
+
+    def _do_auto_rollback(self, name: str, reason: str, when: float) -> None:
+        try:
+            self._auto_rollback(name, f"failed at run time: {reason}", when)
+        except _Stopping:
+            log.error("the agent is stopping: the rollback from model %s is done at the next start", name)
+        except Exception as error:  # noqa: BLE001  shown as a fault; the worker goes on
+            self.faults.report("models", error, "auto-rollback")
+
+    def _auto_rollback(self, name: str, reason: str, when: float) -> None:
+        """Mark model `name` failed and reject it; if it is live, make the previous model live again."""
+        model = self.models.store / name
+        manifest = read_manifest(model)  # {} if the store no longer keeps it
+        if self.models.failed.find(name, manifest) is not None:
+            return  # signalled again (a run restarted before the first signal was handled)
+        live, previous = self.models.live(), self.models.previous()
+        loaded = None
+        if live is not None and live.name == name:
+            try:
+                if previous is None:
+                    raise ModelRejected("there is no previous model")
+                loaded = check_model(previous, self.robot_features(), self.rules)
+                self._refuse_failed(previous)
+            except ModelRejected as why:
+                problem = f"model {name} {reason}; no rollback: {why}; it stays live, the robot holds"
+                self.faults.report("models", RuntimeError(problem), "auto-rollback")
+                return
+        staged = self.models.stage_without(name)
+        self.models.failed.record(name, manifest, reason, when, previous.name if loaded is not None else None)
+        if model.is_dir():
+            self.models.reject(model, reason)
+        if loaded is not None:
+            self._swap(loaded, previous.name, time.monotonic())
+        self._commit(staged)
+        if loaded is not None:
+            log.error("automatic rollback: model %s %s; %s is live again", name, reason, previous.name)
+        else:
+            log.error("model %s %s; marked so that it is not taken again (it was no longer live)", name, reason)
+        self.faults.clear("models", "auto-rollback")
+        self.on_change()
+
+    def _refuse_failed(self, model: Path) -> None:
+        """Raise ModelRejected if `model` (verified) failed at run time here before, by name or content."""
+        failed = self.models.failed.find(model.name, read_manifest(model))
+        if failed is not None:
+            raise ModelRejected(
+                f"refused: model {failed['model']} with this name or content {failed['reason']} ({failed['time']})"
+            )
 
     def _fail_waiting_rollbacks(self) -> None:
         while True:
@@ -241,6 +310,7 @@ class ModelUpdates:
         log.info("new model %s: checking", model.name)
         try:
             loaded = check_model(model, self.robot_features(), self.rules, live=self.models.live())
+            self._refuse_failed(model)
             if self.rules.sim_gate_episodes > 0:
                 self.sim_gate(model.name, loaded)
         except ModelRejected as why:
@@ -270,6 +340,7 @@ class ModelUpdates:
             stored.name,
             ticket.latency * 1e3,
         )
+        self.faults.clear("models", "auto-rollback")
         self.on_change()
 
     def _commit(self, staged: Path) -> None:

@@ -97,6 +97,14 @@ class PushTSim(Robot):
         return {ACTION: (2,)}
 
     @property
+    def action_bounds(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The lowest and highest action target per axis, gym-pusht's action space (None while not
+        connected). The sim itself does not clip: its agent is kinematic and passes through walls."""
+        if self._env is None:
+            return None
+        return self._env.action_space.low, self._env.action_space.high
+
+    @property
     def is_connected(self) -> bool:
         return self._env is not None
 

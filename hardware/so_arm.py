@@ -208,6 +208,11 @@ class SOArm(_ArmDevice, Robot):
     def feature_names(self) -> dict[str, list[str]]:
         return {OBS_STATE: MOTOR_NAMES, ACTION: MOTOR_NAMES}
 
+    @property
+    def action_bounds(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The calibrated range of each joint in action units (None until the arm was first connected)."""
+        return self.limits
+
     def connect(self, calibrate: bool = True) -> None:
         """Open the port, check every motor, write the calibration, configure; then the cameras. All or
         nothing: if any part fails (a device, or a camera that is not what the config says), what was

@@ -1,5 +1,6 @@
 """The live controller: the control loop runs a policy on the sim robot, swaps policies between
-ticks while it runs, holds when the policy fails, and keeps ticking while paused."""
+ticks while it runs, holds when the policy fails or its actions are unsafe (and says which model
+failed), and keeps ticking while paused."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 from lerobot.utils.constants import OBS_STATE
 
+from agent.action_checks import UnsafeActions, safe_actions
 from agent.controller import HOLD, ControlLoop
 from fedbot.policy_io import load_policy
 from hardware.pusht_sim import PushTSim, PushTSimConfig
@@ -77,6 +79,42 @@ def test_a_failing_policy_makes_the_loop_hold_and_keep_ticking(sim_loop, untrain
     # no action was sent: the agent stands where scene 100000 put it, and no episode was reported
     assert sim_loop.actions == 0 and run.results == []
     np.testing.assert_array_equal(agent_position(sim_loop), scene_start(100_000))
+
+
+@pytest.mark.parametrize("value, reason", [(float("nan"), "not finite"), (1e4, "out of range")])
+def test_a_model_with_unsafe_actions_is_reported_and_none_of_them_reaches_the_robot(
+    sim_loop, untrained_policy, value, reason
+):
+    loaded = load_policy(untrained_policy, "cpu")
+    steps = loaded.policy.config.n_action_steps
+
+    def unsafe(batch, noise=None):  # in the policy's normalized units, before the postprocessor
+        return torch.full((1, steps, 2), value)
+
+    loaded.policy.predict_action_chunk = unsafe
+    np.testing.assert_array_equal(np.stack(sim_loop.robot.action_bounds), [[0, 0], [512, 512]])
+    failures = []
+    sim_loop.on_policy_failure = lambda model, why: failures.append((model, why))
+    sim_loop.swap(loaded, "unsafe", 0.0).done.wait(30)
+    run = sim_loop.run(episodes=1, seed=100_000)
+    assert run.finished.wait(30)
+    assert sim_loop.mode == HOLD and sim_loop.actions == 0 and run.results == []
+    np.testing.assert_array_equal(agent_position(sim_loop), scene_start(100_000))
+    assert len(failures) == 1 and failures[0][0] == "unsafe" and reason in failures[0][1]
+    assert sim_loop.error.startswith("model unsafe failed at run time: ") and reason in sim_loop.error
+
+
+def test_actions_just_outside_the_bounds_are_clipped_and_beyond_the_tolerance_refused():
+    bounds = (np.zeros(2), np.full(2, 512.0))  # PushT's action space
+    chunk = np.array([[-10.0, 520.0], [100.0, 200.0]], dtype=np.float32)
+    clipped = safe_actions(chunk, bounds)
+    assert clipped.dtype == np.float32
+    np.testing.assert_array_equal(clipped, [[0.0, 512.0], [100.0, 200.0]])
+    with pytest.raises(UnsafeActions, match=r"1 of 4 action values out of range: action 1 axis 0 is 600"):
+        safe_actions(np.array([[0.0, 0.0], [600.0, 0.0]]), bounds)
+    with pytest.raises(UnsafeActions, match="1 of 2 action values are not finite"):
+        safe_actions(np.array([[np.inf, 0.0]]), None)
+    assert PushTSim(PushTSimConfig(id="bounds")).action_bounds is None  # known once connected
 
 
 def test_paused_loop_leaves_the_robot_alone(sim_loop, untrained_policy):

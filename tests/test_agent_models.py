@@ -1,4 +1,5 @@
-"""The checks a model must pass before it can go live, and the store's history and rollback."""
+"""The checks a model must pass before it can go live, the store's history and rollback, and the ledger of
+models that failed at run time."""
 
 from __future__ import annotations
 
@@ -150,6 +151,46 @@ def test_store_history_rollback_and_pruning(untrained_policy, tmp_path, lab_key)
     store.reject(bad, "NaN")
     assert store.rejections() == [{"name": "bad", "reason": "NaN"}]
     assert store.pending() == []
+
+
+def _other_statistics(directory):
+    from fedbot.policy_io import POST_STATE
+
+    stats = load_file(directory / POST_STATE)
+    stats["action.max"] = stats["action.max"] * 1.01
+    save_file(stats, directory / POST_STATE)
+
+
+def test_a_model_that_failed_at_run_time_is_known_by_name_and_content_and_never_live_at_start(
+    untrained_policy, tmp_path, lab_key
+):
+    """The ledger is written before the history changes: an agent that died in between starts on the
+    model before the failed one."""
+    import time
+
+    from agent.config import AgentConfig, ChecksSection
+    from agent.daemon import Agent
+    from agent.model_store import read_manifest
+
+    config = AgentConfig(
+        robot_id="ledger",
+        data_dir=tmp_path / "agent",
+        socket=tmp_path / "agent.sock",
+        checks=ChecksSection(trusted_keys=[public_key_line(lab_key)]),
+    )
+    agent = Agent(config)
+    store = agent.models
+    store.went_live(store.accept(deliver_model(untrained_policy, store.inbox, "good", lab_key, 1)))
+    bad = store.accept(deliver_model(untrained_policy, store.inbox, "bad", lab_key, 2, edit=_other_statistics))
+    store.went_live(bad)
+    store.failed.record("bad", read_manifest(bad), "failed at run time: test", time.time(), "good")
+
+    agent.updates.load_live()
+    assert store.history() == ["good"] and agent.control._ticket.name == "good"
+    again = deliver_model(untrained_policy, store.inbox, "renamed", lab_key, 3, edit=_other_statistics)
+    assert store.failed.find("renamed", read_manifest(again))["model"] == "bad"  # the same files
+    assert store.failed.find("bad", {})["reason"] == "failed at run time: test"  # the same name
+    assert store.failed.find("good", read_manifest(store.store / "good")) is None  # same weights, other statistics
 
 
 def test_models_being_written_are_not_pending(untrained_policy, tmp_path):
