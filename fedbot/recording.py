@@ -115,7 +115,7 @@ def record_episodes(
         report.successes += bool(status.success)
         report.coverages.append(status.coverage)
         if status.success is not False or keep_failed:  # None: nobody judged it (a real bench)
-            report.total_episodes = store.commit_episode()
+            report.total_episodes = store.commit_episode(seed=seed)
             report.kept += 1
         else:
             store.discard_episode()
