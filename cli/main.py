@@ -1,4 +1,5 @@
-"""The `fedbot` command line: record, train, eval, the agent's commands, `hardware check`, and the `sim` dry run."""
+"""The `fedbot` command line: record, train, eval, the agent's commands, `dataset`, `hardware check`, and
+the `sim` dry run."""
 
 from __future__ import annotations
 
@@ -133,6 +134,29 @@ def build_parser() -> argparse.ArgumentParser:
     sign.add_argument("--key", type=Path, required=True, help="the operator's private key")
     sign.add_argument("--new-key", action="store_true", help="make the key first if it does not exist")
     sign.add_argument("--round", type=_non_negative, default=0, help="the round recorded in the manifest")
+
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--root", type=Path, help="the dataset directory (default: the dataset of the agent --config)")
+    where.add_argument(
+        "--config", type=Path, default=Path("/etc/fedbot/agent.toml"), help="the agent TOML whose dataset is meant"
+    )
+    ds = sub.add_parser(
+        "dataset",
+        help="a robot's episodes; drop a bad one from future training",
+        description="Shows a robot's recorded episodes and which training runs used them; drops an episode from "
+        "future training (`fedbot train` and federated rounds) without touching the recording, or gives it back.",
+    ).add_subparsers(dest="action", required=True)
+    show = ds.add_parser(
+        "show",
+        parents=[where],
+        help="episodes (frames, date, seed, task, dropped or not) and the training runs that used them",
+    )
+    show.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    drop = ds.add_parser("drop", parents=[where], help="leave episodes out of all future training")
+    drop.add_argument("episodes", type=_non_negative, nargs="+", metavar="EPISODE", help="episode index")
+    drop.add_argument("--reason", default="", help="why, shown by `fedbot dataset show`")
+    undrop = ds.add_parser("undrop", parents=[where], help="give dropped episodes back to training")
+    undrop.add_argument("episodes", type=_non_negative, nargs="+", metavar="EPISODE", help="episode index")
 
     hw = sub.add_parser("hardware", help="check the robot's devices").add_subparsers(dest="action", required=True)
     check = hw.add_parser(
@@ -322,6 +346,12 @@ def cmd_hardware(args) -> int:
     return 0 if all(finding.ok for finding in findings) else 1
 
 
+def cmd_dataset(args) -> int:
+    from cli.dataset import cmd_dataset as dataset_command
+
+    return dataset_command(args, console)
+
+
 def cmd_sim(args) -> int:
     from cli.fleet import FleetSettings, run_fleet
 
@@ -352,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         "sim": cmd_sim,
         "hardware": cmd_hardware,
         "sign-model": cmd_sign_model,
+        "dataset": cmd_dataset,
     }
     handlers.update(
         {
