@@ -331,7 +331,10 @@ def train(
         torch.manual_seed(seed)
         state = TrainState.create(new_policy(preset, dataset, device), steps, ema_power=preset.ema_power)
     frames = InMemoryFrames(dataset, state.loaded.policy.config)
-    note_use(dataset_root, f"train {Path(out).resolve()}", training_episodes(dataset), from_step=state.step)
+    try:
+        note_use(dataset_root, f"train {Path(out).resolve()}", training_episodes(dataset), from_step=state.step)
+    except OSError as error:  # a dataset on a read-only disk still trains
+        log.warning("the episodes used are not noted in %s's training log: %s", dataset_root, error)
     generator = torch.Generator().manual_seed(seed + state.step)
     with Progress(
         TextColumn("[bold]train"),
