@@ -28,11 +28,19 @@ from agent.inbox import write_to_inbox
 from agent.model_store import versions_held
 from agent.supernode import NodeSettings, note_round
 from fedbot.atomic_files import write_bytes_atomic
+from fedbot.dataset_usage import note_use
 from fedbot.evaluation import evaluate
 from fedbot.policy_io import LoadedPolicy
 from fedbot.presets import get_preset
 from fedbot.run_config import RunConfig
-from fedbot.training import InMemoryFrames, TrainState, open_dataset, policy_from_stats
+from fedbot.training import (
+    InMemoryFrames,
+    TrainState,
+    open_dataset,
+    open_metadata,
+    policy_from_stats,
+    training_episodes,
+)
 from fedbot.transfer import (
     load_weights,
     record_to_files,
@@ -51,10 +59,11 @@ def _settings(context: Context) -> tuple[RunConfig, NodeSettings]:
     return run, NodeSettings.from_configs(context.node_config, run.sim_data_dir)
 
 
-def _metadata(node: NodeSettings) -> LeRobotDatasetMetadata:
+def _metadata(node: NodeSettings) -> tuple[LeRobotDatasetMetadata, list[int]]:
+    """The robot's dataset metadata as training sees it, and the episodes training uses (not those dropped)."""
     if not (node.dataset_root / "meta" / "info.json").is_file():
         raise FileNotFoundError(f"robot {node.name}: no recorded dataset at {node.dataset_root}")
-    return LeRobotDatasetMetadata(f"fedbot/{node.dataset_root.name}", root=node.dataset_root)
+    return open_metadata(node.dataset_root)
 
 
 def global_policy(content: RecordDict, run: RunConfig, features: dict) -> LoadedPolicy:
@@ -66,17 +75,18 @@ def global_policy(content: RecordDict, run: RunConfig, features: dict) -> Loaded
 
 @app.query("stats")
 def dataset_stats(msg: Message, context: Context) -> Message:
-    """Summary statistics and feature shapes of the policy's inputs and actions in this robot's data, its
-    episode count and the global model versions it holds (newest, live)."""
+    """Summary statistics and feature shapes of the policy's inputs and actions in the episodes this
+    robot trains on, their count, and the global model versions it holds (newest, live)."""
     run, node = _settings(context)
-    meta = _metadata(node)
+    meta, kept = _metadata(node)
+    lengths = list(meta.episodes["length"])
     keys = [*get_preset(run.preset).inputs(meta.features), ACTION]
     features = {key: meta.features[key] for key in keys}
     info = ConfigRecord(
         {
             "features": json.dumps(features),
-            "frames": meta.total_frames,
-            "episodes": meta.total_episodes,
+            "frames": sum(lengths[index] for index in kept),
+            "episodes": len(kept),
             "robot": node.name,
             "models": json.dumps(versions_held(node.model_inbox)),
         }
@@ -114,6 +124,7 @@ def train(msg: Message, context: Context) -> Message:
     # every update is clipped to before it leaves the robot; the coordinator adds the noise.
     clipping_norm = float(config[KEY_CLIPPING_NORM]) if KEY_CLIPPING_NORM in config else None
     arrays = update_to_record(loaded.policy, received, run.weights_dtype, clipping_norm)
+    note_use(node.dataset_root, f"flower run {context.run_id}", training_episodes(dataset), round=server_round)
     note_round(
         node.output_dir,
         {
@@ -175,7 +186,7 @@ def _restore_optimizer(state: TrainState, path: Path) -> None:
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Success of the global model in the sim on held-out seeds; the first rollout as mp4."""
     run, node = _settings(context)
-    loaded = global_policy(msg.content, run, _metadata(node).features)
+    loaded = global_policy(msg.content, run, _metadata(node)[0].features)
     server_round = msg.content["config"].get("server-round", 0)
     out = node.output_dir / "evaluate" / f"round_{server_round}"
     report = evaluate(loaded, run.eval_episodes, out, videos=1, policy_name=f"global round {server_round}")

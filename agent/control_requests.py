@@ -10,6 +10,8 @@ argument or a value out of its bounds is refused with the reason:
     status, models, stop, rollback   no arguments
     record   episodes  an integer in [1, MAX_EPISODES] (true, 1.5, "3" are not)
              task      optional, a string of 1 to MAX_TASK characters
+             resume    optional, true or false; true (with neither of the above): the rest of the
+                       interrupted session, as it was planned (fedbot/session_plan.py)
     run      episodes  optional (none: run until `stop`), an integer in [1, MAX_EPISODES]
              seed      optional, an integer in [EVAL_SEED_START, MAX_SEED - episodes]: runs use
                        held-out scenes only, never those demonstrations are recorded on
@@ -29,7 +31,7 @@ MAX_TASK = 1000  # characters of a task description
 ARGUMENTS = {
     "status": (),
     "models": (),
-    "record": ("episodes", "task"),
+    "record": ("episodes", "task", "resume"),
     "run": ("episodes", "seed"),
     "stop": (),
     "rollback": (),
@@ -42,7 +44,7 @@ class ControlRequests:
 
     status: Callable[[], dict]
     models: ModelStore
-    record: Callable[[int, str | None], dict]  # episodes, task
+    record: Callable[[int | None, str | None, bool], dict]  # episodes, task, resume
     run: Callable[[int | None, int], dict]  # episodes (None: until stopped), first seed
     stop: Callable[[], dict]
     rollback: Callable[[], dict]
@@ -61,7 +63,11 @@ class ControlRequests:
         if command == "models":
             return {"models": self.models.models(), "rejected": self.models.rejections()}
         if command == "record":
-            return self.record(_integer(request, "episodes", 1, MAX_EPISODES), _task(request))
+            if _resume(request):
+                if request.get("episodes") is not None or request.get("task") is not None:
+                    raise ValueError("'resume' continues the session as it was planned: no 'episodes' or 'task'")
+                return self.record(None, None, True)
+            return self.record(_integer(request, "episodes", 1, MAX_EPISODES), _task(request), False)
         if command == "run":
             episodes = None if request.get("episodes") is None else _integer(request, "episodes", 1, MAX_EPISODES)
             seed = EVAL_SEED_START
@@ -85,6 +91,13 @@ def _task(request: dict) -> str | None:
     if task is not None and (not isinstance(task, str) or not 1 <= len(task) <= MAX_TASK):
         raise ValueError(f"'task' must be a string of 1 to {MAX_TASK} characters, got {_show(task)}")
     return task
+
+
+def _resume(request: dict) -> bool:
+    resume = request.get("resume", False)
+    if not isinstance(resume, bool):
+        raise ValueError(f"'resume' must be true or false, got {_show(resume)}")
+    return resume
 
 
 def _show(value) -> str:

@@ -4,7 +4,10 @@ It owns one robot, its private dataset, its SuperNode and its live controller. S
 transition logged and shown in `fedbot status` and systemd's STATUS:
 
     idle            the control loop holds; the SuperNode starts once the idle rules hold
-    recording       a teleop session drives the robot and commits episodes to the dataset
+    recording       a teleop session drives the robot and commits episodes to the dataset; one that
+                    ended early (a crash, a reboot, a stop) is shown as `interrupted-recording` and
+                    continues only when asked (`fedbot record --resume`): the robot never starts
+                    moving by itself after a restart
     running-policy  the control loop runs the live policy
     federating      the robot's flower-supernode is up and trains when the coordinator asks
 
@@ -70,6 +73,7 @@ from fedbot.recording import (
     check_recording_seeds,
     record_session,
 )
+from fedbot.session_plan import SessionPlan, interrupted_session
 from hardware.errors import HardwareFault
 from hardware.factory import make_robot, make_teleop
 
@@ -113,6 +117,7 @@ class Agent:
         )
         self.last_run: dict | None = None
         self.recording: dict | None = None
+        self.interrupted: SessionPlan | None = None  # a recording session that ended before its last episode
         self._lock = threading.RLock()  # guards state changes
         self._stopping = threading.Event()
         self._supervisor_done = threading.Event()  # set by `close` once the SuperNode has left
@@ -138,6 +143,13 @@ class Agent:
         except HardwareFault as fault:
             log.error("robot not connected (%s); trying again every %.0f s", fault, RECONNECT_PERIOD)
         self.updates.load_live()
+        self.interrupted = self._interrupted_session()
+        if self.interrupted is not None:  # the robot does not move by itself after a restart
+            log.warning(
+                "an interrupted recording session has %d of %d episodes left: `fedbot record --resume` continues it",
+                self.interrupted.remaining,
+                self.interrupted.episodes,
+            )
         # Python's cyclic garbage collector stops every thread while it walks all objects; with torch
         # and lerobot loaded a full pass took 260 ms (7 missed ticks at 30 Hz), triggered by loading a
         # model. Objects alive now (modules, the live model) are moved out of its reach.
@@ -236,25 +248,26 @@ class Agent:
             self.federation.leave()
             self._enter(IDLE, why)
 
-    def record(self, episodes: int, task: str | None = None) -> dict:
-        """A teleop session on this robot; each successful episode is committed as it ends."""
+    def record(self, episodes: int | None, task: str | None = None, resume: bool = False) -> dict:
+        """A teleop session on this robot, or with `resume` the rest of the interrupted one; each
+        successful episode is committed as it ends."""
         with self._lock:
             if self._stopping.is_set():
                 raise RuntimeError("the agent is stopping")
             if self.state in (RECORDING, RUNNING):
                 raise RuntimeError(f"the robot is {self.state}; `fedbot stop` first")
             self._require_robot()
-            seed = self._next_seed()
-            check_recording_seeds(seed, episodes)
+            plan = self._session_plan(episodes, task, resume)
             self._leave_federation("recording preempts federating")
             self.control.pause()
-            self._enter(RECORDING, f"{episodes} episodes")
-            self.recording = {"episodes": episodes, "done": 0, "kept": 0}
+            self._enter(RECORDING, f"{plan.remaining} episodes" + (" (resumed)" if resume else ""))
+            self.recording = {"episodes": plan.remaining, "done": 0, "kept": 0}
+            self.interrupted = None  # this session replaces or resumes it
             self._recording_idle.clear()
         try:
-            report = self._record(episodes, seed, task or self.config.teleop.task)
+            report = self._record(plan)
         except Exception as error:  # noqa: BLE001  the operator is told why, and what was kept
-            message = self._recording_error(error, episodes)
+            message = self._recording_error(error, plan.remaining)
             log.log(logging.WARNING if isinstance(error, RecordingStopped) else logging.ERROR, "%s", message)
             raise RuntimeError(message) from None
         finally:
@@ -262,9 +275,29 @@ class Agent:
             with self._lock:
                 self.federation.start_cooldown(time.monotonic())
                 self.recording = None
+                self.interrupted = self._interrupted_session()
                 self._enter(IDLE, "recording finished")
             self._recording_idle.set()
         return {"attempted": report.attempted, "kept": report.kept, "episodes": report.total_episodes}
+
+    def _session_plan(self, episodes: int | None, task: str | None, resume: bool) -> SessionPlan:
+        """A new session from the next scene seed on, or the interrupted one."""
+        if not resume:
+            seed = self._next_seed()
+            check_recording_seeds(seed, episodes)
+            return SessionPlan(episodes, seed, task or self.config.teleop.task)
+        plan = interrupted_session(self.config.dataset_root)
+        if plan is None:
+            raise RuntimeError("no interrupted recording session to resume")
+        return plan
+
+    def _interrupted_session(self) -> SessionPlan | None:
+        """The robot's interrupted recording session; a damaged plan is logged and left for the operator."""
+        try:
+            return interrupted_session(self.config.dataset_root)
+        except ValueError as error:
+            log.error("%s", error)
+            return None
 
     def _recording_error(self, error: Exception, episodes: int) -> str:
         """Why a recording session ended early, what it kept, and what to do."""
@@ -282,8 +315,8 @@ class Agent:
         log.error("recording failed: %s", so_far, exc_info=error)  # unexpected: the traceback too
         return f"{so_far}: {type(error).__name__}: {error}"
 
-    def _record(self, episodes: int, seed: int, task: str):
-        teleop = make_teleop(self.config.teleop.type, seed, **self.config.teleop_settings())
+    def _record(self, plan: SessionPlan):
+        teleop = make_teleop(self.config.teleop.type, plan.seed_start, **self.config.teleop_settings())
 
         def on_episode(scene: int, status) -> None:
             self._save_next_seed(scene + 1)
@@ -293,14 +326,7 @@ class Agent:
             log.info("recorded scene %d: %s", scene, "kept" if kept else "failed, not kept")
 
         return record_session(
-            self.robot,
-            teleop,
-            self.config.dataset_root,
-            episodes=episodes,
-            seed_start=seed,
-            task=task,
-            on_episode=on_episode,
-            stop=self._stop_recording,
+            self.robot, teleop, self.config.dataset_root, plan, on_episode=on_episode, stop=self._stop_recording
         )
 
     def _next_seed(self) -> int:
@@ -458,6 +484,7 @@ class Agent:
             "robot-connected": self.robot.is_connected,
             "hardware-fault": None if self.robot.is_connected else getattr(self.robot, "fault", None),
             "recording": self.recording,
+            "interrupted-recording": None if self.interrupted is None else self.interrupted.summary(),
             "rounds-joined": len(rounds),
             "last-round": rounds[-1] if rounds else None,
             "federation": self.federation.status(),

@@ -16,6 +16,7 @@ from agent.supernode import SuperNodeSettings
 from fedbot.flower_processes import BIN, free_port
 from fedbot.presets import Preset, get_preset
 from fedbot.recording import dataset_features, record_session
+from fedbot.session_plan import SessionPlan
 from hardware.pusht_expert import STYLES, PushTExpert, PushTExpertConfig
 from hardware.pusht_sim import PushTSim, PushTSimConfig
 
@@ -73,8 +74,7 @@ def expert_dataset(
             robot,
             PushTExpert(PushTExpertConfig(id="bench", style=style, seed=seed_start)),
             root,
-            episodes=episodes,
-            seed_start=seed_start,
+            SessionPlan(episodes, seed_start),
         )
     finally:
         robot.disconnect()

@@ -1,4 +1,5 @@
-"""The `fedbot` command line: record, train, eval, the agent's commands, `hardware check`, and the `sim` dry run."""
+"""The `fedbot` command line: record, train, eval, the agent's commands, `dataset`, `hardware check`, and
+the `sim` dry run."""
 
 from __future__ import annotations
 
@@ -67,27 +68,31 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[agent, scenes],
         help="record teleoperated episodes into a LeRobot dataset",
         description="A teleop session on the running agent (which owns the robot and its "
-        "dataset), or with --sim --root, directly into a dataset directory.",
+        "dataset), or with --sim --root, directly into a dataset directory. A session that was "
+        "interrupted (a crash, a reboot, a stop) is continued for its remaining episodes with --resume; "
+        "nothing resumes by itself.",
     )
     rec.add_argument("--sim", action="store_true", help="record in the PushT simulator without an agent (needs --root)")
     rec.add_argument("--root", type=Path, help="with --sim: dataset directory (created or appended)")
-    rec.add_argument("--episodes", type=_positive, required=True, help="number of episodes to attempt")
+    rec.add_argument("--episodes", type=_positive, help="number of episodes to attempt")
+    rec.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted session for its remaining episodes, as it was planned (instead of --episodes)",
+    )
     rec.add_argument(
         "--operator",
         choices=["expert", "mouse"],
-        default="expert",
         help="scripted expert or a person with the mouse (default: expert)",
     )
     rec.add_argument(
         "--style",
-        default="default",
-        help="expert operator style: default, swift, careful, clockwise (hardware/pusht_expert.py)",
+        help="expert operator style: default, swift, careful, clockwise (default: default; hardware/pusht_expert.py)",
     )
     rec.add_argument(
         "--seed",
         type=_non_negative,
-        default=0,
-        help=f"first scene seed; episodes use seed, seed+1, ... (< {EVAL_SEED_START})",
+        help=f"first scene seed; episodes use seed, seed+1, ... (< {EVAL_SEED_START}; default 0)",
     )
     rec.add_argument("--task", default=None, help=f"task stored with every frame (default: {DEFAULT_TASK!r})")
     rec.add_argument("--keep-failed", action="store_true", help="also keep failed demonstrations")
@@ -134,6 +139,32 @@ def build_parser() -> argparse.ArgumentParser:
     sign.add_argument("--new-key", action="store_true", help="make the key first if it does not exist")
     sign.add_argument("--round", type=_non_negative, default=0, help="the round recorded in the manifest")
 
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--root", type=Path, help="the dataset directory (default: the dataset of the agent --config)")
+    where.add_argument(
+        "--config",
+        type=Path,
+        default=Path("/etc/fedbot/agent.toml"),
+        help="the agent TOML whose dataset is meant (default: /etc/fedbot/agent.toml)",
+    )
+    ds = sub.add_parser(
+        "dataset",
+        help="a robot's episodes; drop a bad one from future training",
+        description="Shows a robot's recorded episodes and which training runs used them; drops an episode from "
+        "future training (`fedbot train` and federated rounds) without touching the recording, or gives it back.",
+    ).add_subparsers(dest="action", required=True)
+    show = ds.add_parser(
+        "show",
+        parents=[where],
+        help="episodes (frames, date, seed, task, dropped or not) and the training runs that used them",
+    )
+    show.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    drop = ds.add_parser("drop", parents=[where], help="leave episodes out of all future training")
+    drop.add_argument("episodes", type=_non_negative, nargs="+", metavar="EPISODE", help="episode index")
+    drop.add_argument("--reason", default="", help="why, shown by `fedbot dataset show`")
+    undrop = ds.add_parser("undrop", parents=[where], help="give dropped episodes back to training")
+    undrop.add_argument("episodes", type=_non_negative, nargs="+", metavar="EPISODE", help="episode index")
+
     hw = sub.add_parser("hardware", help="check the robot's devices").add_subparsers(dest="action", required=True)
     check = hw.add_parser(
         "check",
@@ -178,18 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_record(args) -> int:
     if args.sim != (args.root is not None):
         raise ValueError("recording without an agent needs both --sim and --root DIR")
+    plan = _session_plan(args)
     if args.root is None:
-        return _agent_command(args, "record", episodes=args.episodes, task=args.task)
-    report = _record(
-        args.root,
-        args.episodes,
-        args.operator,
-        args.style,
-        args.seed,
-        args.task,
-        args.keep_failed,
-        scenes=(args.scene_part, args.scene_parts),
-    )
+        if plan is None:
+            return _agent_command(args, "record", resume=True)
+        return _agent_command(args, "record", episodes=plan.episodes, task=args.task)
+    if plan is None:
+        plan = _interrupted_sim_session(args.root)
+    report = _record(args.root, plan)
     console.print(
         f"kept {report.kept} of {report.attempted} episodes ({report.successes} successful); "
         f"{args.root} now holds {report.total_episodes} episodes"
@@ -197,34 +224,53 @@ def cmd_record(args) -> int:
     return 0
 
 
-def _record(
-    root: Path,
-    episodes: int,
-    operator_kind: str,
-    style: str,
-    seed: int,
-    task: str | None = None,
-    keep_failed: bool = False,
-    scenes: tuple[int, int] = (0, 1),
-):
-    """Record episodes in the sim with the chosen operator; prints one line per episode."""
-    from fedbot.recording import check_recording_seeds, record_session
+def _session_plan(args):
+    """The plan of a new session from the arguments, or None with --resume (which takes no others)."""
     from fedbot.scenes import DEFAULT_TASK
+    from fedbot.session_plan import SessionPlan, SimSettings
+
+    if args.resume:
+        options = {"--episodes": args.episodes, "--operator": args.operator, "--style": args.style}
+        options |= {"--seed": args.seed, "--task": args.task, "--keep-failed": args.keep_failed or None}
+        given = [name for name, value in options.items() if value is not None]
+        given += ["--scene-part(s)"] * ((args.scene_part, args.scene_parts) != (0, 1))
+        if given:
+            raise ValueError(f"--resume continues the session as it was planned; it takes no {', '.join(given)}")
+        return None
+    if args.episodes is None:
+        raise ValueError("how many episodes? --episodes N (or --resume an interrupted session)")
+    sim = SimSettings(args.operator or "expert", args.style or "default", args.scene_part, args.scene_parts)
+    return SessionPlan(args.episodes, args.seed or 0, args.task or DEFAULT_TASK, args.keep_failed, sim=sim)
+
+
+def _interrupted_sim_session(root: Path):
+    from fedbot.session_plan import interrupted_session
+
+    plan = interrupted_session(root)
+    if plan is None:
+        raise ValueError(f"{root} has no interrupted recording session to resume")
+    if plan.sim is None:
+        raise ValueError(
+            f"the interrupted session in {root} is the robot agent's: resume it there (fedbot record --resume)"
+        )
+    return plan
+
+
+def _record(root: Path, plan):
+    """Record the plan's remaining episodes in the sim with its operator; prints one line per episode."""
+    from fedbot.recording import record_session
     from hardware.factory import make_robot, make_teleop
 
-    check_recording_seeds(seed, episodes)  # before anything is created
-    robot = make_robot("pusht_sim", root.name, scene_part=scenes[0], scene_parts=scenes[1])
-    operator = make_teleop(operator_kind, seed, style=style)
+    sim = plan.sim
+    robot = make_robot("pusht_sim", root.name, scene_part=sim.scene_part, scene_parts=sim.scene_parts)
+    operator = make_teleop(sim.operator, plan.seed_start, style=sim.style)
     robot.connect()
     try:
         return record_session(
             robot,
             operator,
             root,
-            episodes=episodes,
-            seed_start=seed,
-            task=task or DEFAULT_TASK,
-            keep_failed=keep_failed,
+            plan,
             on_episode=lambda s, status: console.print(
                 f"seed {s}: {'success' if status.success else 'failed'} (coverage {status.coverage:.2f})"
             ),
@@ -322,6 +368,12 @@ def cmd_hardware(args) -> int:
     return 0 if all(finding.ok for finding in findings) else 1
 
 
+def cmd_dataset(args) -> int:
+    from cli.dataset import cmd_dataset as dataset_command
+
+    return dataset_command(args, console)
+
+
 def cmd_sim(args) -> int:
     from cli.fleet import FleetSettings, run_fleet
 
@@ -352,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         "sim": cmd_sim,
         "hardware": cmd_hardware,
         "sign-model": cmd_sign_model,
+        "dataset": cmd_dataset,
     }
     handlers.update(
         {

@@ -25,6 +25,10 @@ work directory is removed (the space comes back) and the error is raised; the co
 are untouched. lerobot logs, and otherwise ignores, a camera frame it could not write (its
 `write_image`), which would leave an episode whose video misses frames: the store watches for those
 errors and refuses to commit such an episode (`FrameWriteError`, an OSError with the frame's errno).
+
+lerobot's episode metadata has no date. Each commit also notes, in `meta/fedbot_episodes.json` of the
+new version (so atomically with the episode), when the episode was committed and what the recorder
+passed along (the scene seed): {"<episode index>": {"recorded": ISO time, "seed": 12}}.
 """
 
 from __future__ import annotations
@@ -32,11 +36,13 @@ from __future__ import annotations
 import errno
 import fcntl
 import itertools
+import json
 import logging
 import os
 import shutil
 import threading
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 from lerobot.datasets.io_utils import load_info
@@ -49,6 +55,7 @@ CURRENT_LINK = "current"
 LINKED_SUBDIRS = ("meta", "data", "videos")
 WORK_PREFIX = "work-"
 LOCK_FILE = "lock"
+NOTES_FILE = "fedbot_episodes.json"  # under meta/: per-episode notes lerobot has no place for
 _work_counter = itertools.count()
 IMAGE_WRITER_LOGGER = "lerobot.datasets.image_writer"  # where lerobot's write_image reports a failed frame
 log = logging.getLogger(__name__)
@@ -185,10 +192,11 @@ class EpisodeStore:
             self._stop_watching_frames()
             self._work, self.dataset = None, None
 
-    def commit_episode(self) -> int:
-        """Save the open episode and make it visible atomically. Returns the new episode count. If
-        anything fails (a camera frame that was not written, a full disk), the episode is discarded
-        and the error raised; the committed dataset is untouched."""
+    def commit_episode(self, **notes) -> int:
+        """Save the open episode and make it visible atomically, noting its commit time and `notes`
+        (JSON values) in meta/fedbot_episodes.json. Returns the new episode count. If anything fails
+        (a camera frame that was not written, a full disk), the episode is discarded and the error
+        raised; the committed dataset is untouched."""
         if self.dataset is None or self._work is None:
             raise RuntimeError("no episode is open")
         try:
@@ -198,6 +206,7 @@ class EpisodeStore:
                 self.dataset.finalize()
             self.check_frames()
             total = self.dataset.meta.total_episodes
+            _note_episode(self._work, total - 1, {"recorded": datetime.now().isoformat(timespec="seconds"), **notes})
             version = self._versions / f"{total:06d}"
             publish_dir(self._work, version)
             self._work = version  # a failure from here on removes it, unless it became current
@@ -228,6 +237,26 @@ def committed_episodes(root: Path) -> int:
     if not link.is_symlink():
         return 0
     return load_info(link.parent / os.readlink(link)).total_episodes
+
+
+def episode_notes(root: Path) -> dict[int, dict]:
+    """The notes of each committed episode of the dataset at `root` (episode index -> notes); empty
+    for a dataset fedbot did not record. Needs no lock."""
+    path = Path(root) / "meta" / NOTES_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return {int(index): notes for index, notes in json.loads(path.read_text()).items()}
+    except (ValueError, AttributeError) as error:
+        raise ValueError(f"{path} is damaged ({error}); move it away to read the dataset without its notes") from None
+
+
+def _note_episode(version: Path, index: int, notes: dict) -> None:
+    """Add episode `index`'s notes to the notes of an uncommitted version (published with it)."""
+    path = version / "meta" / NOTES_FILE
+    everything = json.loads(path.read_text()) if path.is_file() else {}
+    everything[str(index)] = notes
+    path.write_text(json.dumps(everything))
 
 
 @contextmanager

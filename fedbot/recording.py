@@ -4,6 +4,9 @@ The loop knows only lerobot's Robot and Teleoperator interfaces plus two bench d
 on real hardware and the sim does itself: placing the scene (`robot.reset(seed)`) and judging the
 outcome (`robot.episode_status()`).
 
+A session's plan is kept beside the dataset until it ends as planned, so that one interrupted by a
+crash or a reboot can be resumed for its remaining episodes (fedbot/session_plan.py).
+
 A session can be stopped from another thread (`stop`, an Event: the agent's SIGTERM): the episode in
 progress is discarded at the next frame and `RecordingStopped` is raised.
 """
@@ -22,6 +25,7 @@ from lerobot.utils.robot_utils import precise_sleep
 
 from fedbot.episode_store import EpisodeStore
 from fedbot.scenes import DEFAULT_TASK, EVAL_SEED_START
+from fedbot.session_plan import SessionPlan, clear_plan, interrupted_session, save_plan
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +119,7 @@ def record_episodes(
         report.successes += bool(status.success)
         report.coverages.append(status.coverage)
         if status.success is not False or keep_failed:  # None: nobody judged it (a real bench)
-            report.total_episodes = store.commit_episode()
+            report.total_episodes = store.commit_episode(seed=seed)
             report.kept += 1
         else:
             store.discard_episode()
@@ -129,35 +133,49 @@ def record_session(
     robot: Robot,
     operator: Teleoperator,
     root: Path,
+    plan: SessionPlan,
     *,
-    episodes: int,
-    seed_start: int,
-    task: str = DEFAULT_TASK,
-    keep_failed: bool = False,
     on_episode=None,
     stop: threading.Event | None = None,
 ) -> RecordingReport:
-    """A teleop session on a connected robot: the operator connects (a sim operator also attaches to
-    the robot whose scene it reads), the robot's dataset at `root` opens, the episodes are recorded
-    (`record_episodes`), and dataset and operator are closed again however the session ends."""
+    """A teleop session on a connected robot, new or resumed (`plan.attempted` > 0): the operator
+    connects (a sim operator also attaches to the robot whose scene it reads), the robot's dataset at
+    `root` opens, the plan's remaining episodes are recorded (`record_episodes`), and dataset and
+    operator are closed again however the session ends. The plan is kept beside the dataset until the
+    session ends as planned (fedbot/session_plan.py), so one that does not can be resumed."""
+    check_recording_seeds(plan.seed_start, plan.episodes)
     operator.connect()
     try:
         if hasattr(operator, "attach"):
             operator.attach(robot)
         store = open_store(root, robot)
         try:
-            return record_episodes(
+            if plan.first_episode is None:
+                if (interrupted := interrupted_session(root)) is not None:
+                    log.warning("a new session replaces an interrupted one (%s)", interrupted.summary())
+                plan.first_episode = store.num_episodes
+            save_plan(root, plan)
+
+            def attempted(seed: int, status) -> None:
+                plan.attempted = seed - plan.seed_start + 1
+                save_plan(root, plan)
+                if on_episode is not None:
+                    on_episode(seed, status)
+
+            report = record_episodes(
                 robot,
                 operator,
                 store,
-                episodes=episodes,
-                seed_start=seed_start,
-                task=task,
-                keep_failed=keep_failed,
+                episodes=plan.remaining,
+                seed_start=plan.next_seed,
+                task=plan.task,
+                keep_failed=plan.keep_failed,
                 realtime=getattr(operator, "realtime", False),
-                on_episode=on_episode,
+                on_episode=attempted,
                 stop=stop,
             )
+            clear_plan(root)
+            return report
         finally:
             store.close()
     finally:

@@ -6,6 +6,9 @@ memory, so `InMemoryFrames` decodes it once and builds batches by tensor indexin
 lerobot's delta-timestamp windows, padding masks and episode-aware sampling
 (`drop_n_last_frames`). Everything else (model, processors, optimizer and scheduler presets,
 training-state files) is lerobot's.
+
+Training reads a dataset through `open_dataset`, which leaves out the episodes the operator dropped
+(fedbot/dataset_curation.py) and normalizes with the statistics of the kept ones.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from pathlib import Path
 import torch
 from diffusers.training_utils import EMAModel
 from lerobot.common.train_utils import load_training_state, save_training_state
+from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
+from lerobot.datasets.io_utils import load_info
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
 from lerobot.datasets.video_utils import decode_video_frames
 from lerobot.policies.diffusion.configuration_diffusion import DiffusionConfig
@@ -44,6 +49,8 @@ from rich.progress import (
 from safetensors.torch import load_file, save_file
 
 from fedbot.atomic_files import point_link, publish_dir
+from fedbot.dataset_curation import check_dataset, keep_episodes, kept_episodes
+from fedbot.dataset_usage import note_use
 from fedbot.policy_io import LoadedPolicy, load_policy, save_policy
 from fedbot.presets import Preset
 
@@ -55,11 +62,28 @@ EMA_MAX_DECAY = 0.9999  # the Diffusion Policy paper's ceiling
 
 
 def open_dataset(root: Path) -> LeRobotDataset:
-    """Load a recorded dataset from disk (never from a hub)."""
-    root = Path(root)
-    if not (root / "meta" / "info.json").is_file():
-        raise FileNotFoundError(f"{root} holds no LeRobot dataset (no committed episode in meta/info.json)")
-    return LeRobotDataset(f"fedbot/{root.name}", root=root)
+    """Load a recorded dataset from disk (never from a hub) for training: its kept episodes only
+    (`dataset.episodes`, None when none is dropped), `meta.stats` theirs."""
+    root = check_dataset(root)
+    total = load_info(root).total_episodes  # an episode committed after this is left for the next time
+    kept = kept_episodes(root, total)
+    dataset = LeRobotDataset(f"fedbot/{root.name}", root=root, episodes=None if len(kept) == total else kept)
+    keep_episodes(dataset.meta, training_episodes(dataset))
+    return dataset
+
+
+def open_metadata(root: Path) -> tuple[LeRobotDatasetMetadata, list[int]]:
+    """A dataset's metadata as training sees it (`meta.stats` of the kept episodes) and its kept episodes."""
+    root = check_dataset(root)
+    meta = LeRobotDatasetMetadata(f"fedbot/{root.name}", root=root)
+    kept = kept_episodes(root, meta.total_episodes)
+    keep_episodes(meta, kept)
+    return meta, kept
+
+
+def training_episodes(dataset: LeRobotDataset) -> list[int]:
+    """The episodes of an `open_dataset` dataset that training uses."""
+    return list(range(dataset.meta.total_episodes)) if dataset.episodes is None else list(dataset.episodes)
 
 
 class InMemoryFrames:
@@ -93,7 +117,7 @@ class InMemoryFrames:
     @staticmethod
     def _decode_video(dataset: LeRobotDataset, key: str) -> torch.Tensor:
         meta, frames = dataset.meta, []
-        for ep in range(meta.total_episodes):
+        for ep in training_episodes(dataset):
             episode = meta.episodes[ep]
             start = episode[f"videos/{key}/from_timestamp"]
             timestamps = [start + i / meta.fps for i in range(episode["length"])]
@@ -307,6 +331,10 @@ def train(
         torch.manual_seed(seed)
         state = TrainState.create(new_policy(preset, dataset, device), steps, ema_power=preset.ema_power)
     frames = InMemoryFrames(dataset, state.loaded.policy.config)
+    try:
+        note_use(dataset_root, f"train {Path(out).resolve()}", training_episodes(dataset), from_step=state.step)
+    except OSError as error:  # a dataset on a read-only disk still trains
+        log.warning("the episodes used are not noted in %s's training log: %s", dataset_root, error)
     generator = torch.Generator().manual_seed(seed + state.step)
     with Progress(
         TextColumn("[bold]train"),

@@ -61,6 +61,8 @@ def _convert(kind, value, source: str, key: str):
             return float(value)
         if option is Path and isinstance(value, str):
             return Path(value)
+        if dataclasses.is_dataclass(option) and isinstance(value, dict):  # an optional table
+            return from_mapping(option, value, source, key + ".")
         if typing.get_origin(option) is dict and isinstance(value, dict):
             _, item = typing.get_args(option)
             return {k: _convert(item, v, source, f"{key}.{k}") for k, v in value.items()}

@@ -54,6 +54,7 @@ def record_arm_dataset(directory: Path, root: Path, episodes: int, camera_size: 
     leader, with a video-file camera of `camera_size` (height, width), into a dataset at `root`; the
     bench lives in `directory`. Returns the dataset's episode count."""
     from fedbot.recording import record_session
+    from fedbot.session_plan import SessionPlan
     from hardware.cameras import CameraSettings
     from hardware.factory import make_robot, make_teleop
     from hardware.feetech_emulator import EmulatedBus
@@ -77,6 +78,6 @@ def record_arm_dataset(directory: Path, root: Path, episodes: int, camera_size: 
         hand = make_teleop("so101_leader", id="arm-leader", port=str(directory / "leader"), calibration_dir=calibration)
         arm.connect()
         try:
-            return record_session(arm, hand, root, episodes=episodes, seed_start=0).total_episodes
+            return record_session(arm, hand, root, SessionPlan(episodes, seed_start=0)).total_episodes
         finally:
             arm.disconnect()

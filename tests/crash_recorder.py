@@ -18,6 +18,7 @@ from lerobot.datasets.dataset_writer import DatasetWriter  # noqa: E402
 from lerobot.datasets.lerobot_dataset import LeRobotDataset  # noqa: E402
 
 import fedbot.episode_store as episode_store  # noqa: E402
+import fedbot.recording as recording  # noqa: E402
 
 from helpers import record_wander  # noqa: E402
 
@@ -38,6 +39,7 @@ KILL_POINTS = {
     "publish_dir": (episode_store, "publish_dir", _any_call),  # work dir complete, not yet renamed
     "replace": (episode_store.os, "replace", _commit_link),  # version renamed, `current` not switched
     "recover": (episode_store.EpisodeStore, "recover", _any_call),  # committed, leftovers not removed
+    "save_plan": (recording, "save_plan", _any_call),  # the session's plan (1st call) or an attempt noted
 }
 
 

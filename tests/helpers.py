@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 from lerobot.utils.constants import ACTION
 
-from fedbot.recording import record_session
+from fedbot.recording import RecordingReport, record_session
+from fedbot.session_plan import SessionPlan
 from hardware.pusht_sim import PushTSim, PushTSimConfig
 
 
@@ -39,15 +40,17 @@ class WanderOperator:
 
 def record_wander(root: Path, episodes: int, steps: int = 20, seed_start: int = 0) -> int:
     """Record `episodes` short kept episodes into `root`; returns the dataset's episode count."""
+    return wander_session(root, SessionPlan(episodes, seed_start, keep_failed=True), steps).total_episodes
+
+
+def wander_session(root: Path, plan: SessionPlan, steps: int = 20) -> RecordingReport:
+    """A recording session of `plan` (new or resumed) with the wander operator, `steps` frames an episode."""
     robot = PushTSim(PushTSimConfig(id="test", max_episode_steps=steps))
     robot.connect()
     try:
-        report = record_session(
-            robot, WanderOperator(seed_start), root, episodes=episodes, seed_start=seed_start, keep_failed=True
-        )
+        return record_session(robot, WanderOperator(plan.next_seed), root, plan)
     finally:
         robot.disconnect()
-    return report.total_episodes
 
 
 def deliver_model(

@@ -11,6 +11,7 @@ from lerobot.datasets.lerobot_dataset import LeRobotDataset
 from lerobot.utils.constants import ACTION, OBS_STATE
 
 from fedbot.recording import record_session
+from fedbot.session_plan import SessionPlan
 from hardware.cameras import CameraSettings
 from hardware.errors import CalibrationMissing, HardwareFault
 from hardware.factory import make_robot, make_teleop
@@ -305,7 +306,7 @@ def test_between_recorded_episodes_the_operator_puts_the_scene_back_unrecorded(b
     )
     arm.connect()
     try:
-        report = record_session(arm, hand, tmp_path / "dataset", episodes=2, seed_start=0)
+        report = record_session(arm, hand, tmp_path / "dataset", SessionPlan(episodes=2, seed_start=0))
     finally:
         arm.disconnect()
     dataset = LeRobotDataset("fedbot/dataset", root=tmp_path / "dataset")
