@@ -260,14 +260,15 @@ class Agent:
             plan = self._session_plan(episodes, task, resume)
             self._leave_federation("recording preempts federating")
             self.control.pause()
-            self._enter(RECORDING, f"{plan.remaining} episodes" + (" (resumed)" if resume else ""))
-            self.recording = {"episodes": plan.remaining, "done": 0, "kept": 0}
+            planned = plan.remaining  # the plan counts down as episodes are committed
+            self._enter(RECORDING, f"{planned} episodes" + (" (resumed)" if resume else ""))
+            self.recording = {"episodes": planned, "done": 0, "kept": 0}
             self.interrupted = None  # this session replaces or resumes it
             self._recording_idle.clear()
         try:
             report = self._record(plan)
         except Exception as error:  # noqa: BLE001  the operator is told why, and what was kept
-            message = self._recording_error(error, plan.remaining)
+            message = self._recording_error(error, planned)
             log.log(logging.WARNING if isinstance(error, RecordingStopped) else logging.ERROR, "%s", message)
             raise RuntimeError(message) from None
         finally:
