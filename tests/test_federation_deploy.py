@@ -134,7 +134,7 @@ def test_robots_refuse_a_run_of_any_app_but_the_installed_fedbot(lab, tmp_path):
     marker = tmp_path / "marker"
     with open(app / "agent" / "client_app.py", "a") as f:
         f.write(f"\nopen({str(marker)!r}, 'w').close()  # not fedbot's code\n")
-    coordinator = lab.coordinator("--app", str(app), run_config=replace(TINY_RUN, min_nodes=1, round_timeout=30.0))
+    coordinator = lab.coordinator("--app", str(app), run_config=replace(TINY_RUN, min_nodes=1, round_timeout=10.0))
     coordinator.wait_for(r"ready: robots can join", timeout=300)
     robot = lab.robot(0)
     assert coordinator.wait(timeout=600) != 0
