@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--eval-episodes",
         type=_positive,
-        default=10,
+        default=5,
         help="held-out scenes the global model is evaluated on after each round (the same each round)",
     )
     sim.add_argument(
