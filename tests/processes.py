@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -119,3 +120,26 @@ class NotifySocket:
 
     def close(self) -> None:
         self._sock.close()
+
+
+CRASH_RECORDER = Path(__file__).with_name("crash_recorder.py")
+
+
+def run_crash_recorders(base: Path, kills, episodes: int) -> dict:
+    """One tests/crash_recorder.py process per (point, at_call, ...) of `kills`, each recording
+    `episodes` into its own dataset under `base` and SIGKILLing itself before the `at_call`-th call
+    of `point`. They start together: each spends seconds importing lerobot, and side by side they
+    share the cores instead of queueing. Returns (dataset root, exit code, stderr) per (point, at_call)."""
+    running = {}
+    for point, at_call, *_ in kills:
+        work = base / f"{point}-{at_call}"
+        work.mkdir()
+        stderr = open(work / "stderr.txt", "w")
+        command = [sys.executable, str(CRASH_RECORDER), str(work / "robot"), str(episodes), point, str(at_call)]
+        running[point, at_call] = (work, subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr), stderr)
+    results = {}
+    for key, (work, process, stderr) in running.items():
+        code = process.wait(timeout=300)
+        stderr.close()
+        results[key] = (work / "robot", code, (work / "stderr.txt").read_text())
+    return results

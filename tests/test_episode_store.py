@@ -1,8 +1,6 @@
 """Recording into crash-safe LeRobot datasets, including real recorder processes killed by SIGKILL."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,9 +16,9 @@ from fedbot.recording import (
 from hardware.pusht_sim import PushTSim, PushTSimConfig
 
 from helpers import WanderOperator, record_wander
+from processes import run_crash_recorders
 
 STEPS = 20  # frames per episode in these tests
-CRASH_RECORDER = Path(__file__).with_name("crash_recorder.py")
 
 
 def load(root: Path) -> LeRobotDataset:
@@ -113,20 +111,7 @@ def killed_recorders(tmp_path_factory) -> dict:
     SIGKILLing itself before the `at_call`-th call of `point`. They start together: each spends
     seconds importing lerobot, and side by side they share the cores instead of queueing.
     Returns (dataset root, exit code, stderr) per (point, at_call)."""
-    base = tmp_path_factory.mktemp("killed")
-    running = {}
-    for point, at_call, _ in KILLS:
-        work = base / f"{point}-{at_call}"
-        work.mkdir()
-        stderr = open(work / "stderr.txt", "w")
-        command = [sys.executable, str(CRASH_RECORDER), str(work / "robot"), "2", point, str(at_call)]
-        running[point, at_call] = (work, subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr), stderr)
-    results = {}
-    for key, (work, process, stderr) in running.items():
-        code = process.wait(timeout=300)
-        stderr.close()
-        results[key] = (work / "robot", code, (work / "stderr.txt").read_text())
-    return results
+    return run_crash_recorders(tmp_path_factory.mktemp("killed"), KILLS, 2)
 
 
 @pytest.mark.parametrize(("point", "at_call", "survivors"), KILLS)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
-from test_episode_store import CRASH_RECORDER, STEPS, assert_readable
+from test_episode_store import STEPS, assert_readable
 
 from agent.control_requests import ControlRequests
 from fedbot.control_client import request
@@ -27,7 +27,7 @@ from fedbot.session_plan import interrupted_session, plan_path
 
 from agent_bench import start_agent, write_config
 from helpers import wander_session
-from processes import NotifySocket
+from processes import NotifySocket, run_crash_recorders
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,20 +104,7 @@ def killed_sessions(tmp_path_factory) -> dict:
     """One real recorder process per kill point, each planning PLANNED episodes into its own dataset
     and SIGKILLing itself before the `at_call`-th call of `point` (started together, as in
     tests/test_episode_store.py). Returns (dataset root, exit code, stderr) per (point, at_call)."""
-    base = tmp_path_factory.mktemp("interrupted")
-    running = {}
-    for point, at_call, _ in KILLS:
-        work = base / f"{point}-{at_call}"
-        work.mkdir()
-        stderr = open(work / "stderr.txt", "w")
-        command = [sys.executable, str(CRASH_RECORDER), str(work / "robot"), str(PLANNED), point, str(at_call)]
-        running[point, at_call] = (work, subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr), stderr)
-    results = {}
-    for key, (work, process, stderr) in running.items():
-        code = process.wait(timeout=300)
-        stderr.close()
-        results[key] = (work / "robot", code, (work / "stderr.txt").read_text())
-    return results
+    return run_crash_recorders(tmp_path_factory.mktemp("interrupted"), KILLS, PLANNED)
 
 
 @pytest.mark.parametrize(("point", "at_call", "committed"), KILLS)
