@@ -125,6 +125,20 @@ def sim_gate_success(loaded: LoadedPolicy, episodes: int) -> float:
     return evaluate(loaded, episodes, seed_start=GATE_SEED_START, policy_name="sim gate").success_rate
 
 
+def read_history(store: Path) -> list[str]:
+    """The names of the models that went live, oldest first (<store>/history.json; none: [])."""
+    path = Path(store) / HISTORY
+    if not path.is_file():
+        return []
+    try:
+        history = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not a JSON list of model names ({error}); restore it or remove it") from None
+    if not isinstance(history, list) or not all(isinstance(name, str) for name in history):
+        raise ValueError(f"{path} is not a JSON list of model names; restore it or remove it")
+    return history
+
+
 def versions_held(inbox: Path) -> dict:
     """The global model versions a robot holds, from the manifests' claims: `newest` in any state
     (waiting in the inbox, kept, rejected), which the coordinator compares with its latest published
@@ -134,13 +148,11 @@ def versions_held(inbox: Path) -> dict:
     agent_layout = inbox.name == "inbox"
     areas = [inbox, *((inbox.parent / "store", inbox.parent / "rejected") if agent_layout else ())]
     directories = [p for area in areas if area.is_dir() for p in area.iterdir() if p.is_dir()]
-    live = None
-    if agent_layout and (inbox.parent / "store" / HISTORY).is_file():
-        try:
-            history = json.loads((inbox.parent / "store" / HISTORY).read_text())
-            live = claimed_version(inbox.parent / "store" / str(history[-1])) if history else None
-        except (OSError, ValueError, TypeError, KeyError):
-            live = None
+    try:
+        history = read_history(inbox.parent / "store") if agent_layout else []
+    except (OSError, ValueError):
+        history = []  # the agent reports a damaged history itself
+    live = claimed_version(inbox.parent / "store" / history[-1]) if history else None
     return {"newest": max(filter(None, map(claimed_version, directories)), default=None), "live": live}
 
 
@@ -199,16 +211,7 @@ class ModelStore:
 
     # -- live model and history -------------------------------------------------------------------
     def history(self) -> list[str]:
-        path = self.store / HISTORY
-        if not path.is_file():
-            return []
-        try:
-            history = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{path} is not a JSON list of model names ({error}); restore it or remove it") from None
-        if not isinstance(history, list) or not all(isinstance(name, str) for name in history):
-            raise ValueError(f"{path} is not a JSON list of model names; restore it or remove it")
-        return history
+        return read_history(self.store)
 
     def live(self) -> Path | None:
         history = self.history()

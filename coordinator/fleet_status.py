@@ -23,12 +23,12 @@ def fleet_status(output_dir: Path) -> dict:
     robots: dict[str, dict] = {}
     latest = None
     for run in runs:
-        directory = RunDirectory.read_registry(run)
+        registry = RunDirectory.read_registry(run)
         finished = json.loads((run / "state.json").read_text())["finished"]
-        if finished and directory["latest"] is not None:
-            latest = {"run": run.name, "round": directory["latest"]}
+        if finished and registry["latest"] is not None:
+            latest = {"run": run.name, "round": registry["latest"]}
         trained = rounds_per_node(run)
-        for name, census in ((directory.get("lineage") or {}).get("robots") or {}).items():
+        for name, census in ((registry.get("lineage") or {}).get("robots") or {}).items():
             before = robots.get(name, {}).get("rounds-trained", 0)
             robots[name] = {
                 "last-seen": run.name,
@@ -45,15 +45,10 @@ def fleet_status(output_dir: Path) -> dict:
 def rounds_per_node(run: Path) -> dict[int, int]:
     """How many rounds of a run each node trained in, from its metrics rows."""
     counts: dict[int, int] = {}
-    path = run / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            rows = json.loads(line).get("per-robot", [])
-        except ValueError:
-            continue  # a line a crash cut short
-        for row in rows:
-            if "malformed" not in row:
-                counts[row["node"]] = counts.get(row["node"], 0) + 1
+    for row in RunDirectory.read_metrics(run):
+        for robot in row.get("per-robot", []):
+            if "malformed" not in robot:
+                counts[robot["node"]] = counts.get(robot["node"], 0) + 1
     return counts
 
 

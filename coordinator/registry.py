@@ -179,8 +179,12 @@ class RunDirectory:
             f.write(json.dumps({"what": what, "node": node_id, "content": content}) + "\n")
 
     def metrics(self) -> list[dict]:
-        """The rounds' rows; a line a crash cut short (the last one) is left out."""
-        path = self.root / "metrics.jsonl"
+        return self.read_metrics(self.root)
+
+    @staticmethod
+    def read_metrics(root: Path) -> list[dict]:
+        """A run's rows, one per round; a line a crash cut short (the last one) is left out."""
+        path = root / "metrics.jsonl"
         rows = []
         for number, line in enumerate(path.read_text().splitlines() if path.exists() else [], 1):
             try:
