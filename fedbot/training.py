@@ -2,10 +2,11 @@
 
 lerobot's `LeRobotDataset.__getitem__` reads parquet rows and decodes video frame by frame for
 every sample, which dominates a CPU training step of the small presets. A robot's dataset fits in
-memory, so `InMemoryFrames` decodes it once and builds batches by tensor indexing, reproducing
-lerobot's delta-timestamp windows, padding masks and episode-aware sampling
-(`drop_n_last_frames`). Everything else (model, processors, optimizer and scheduler presets,
-training-state files) is lerobot's.
+memory at the policy's input resolution, so `InMemoryFrames` decodes it once (camera frames resized
+to the config's `resize_shape` as they are decoded, which the policy would do to every batch anyway)
+and builds batches by tensor indexing, reproducing lerobot's delta-timestamp windows, padding masks
+and episode-aware sampling (`drop_n_last_frames`). Everything else (model, processors, optimizer and
+scheduler presets, training-state files) is lerobot's.
 
 Training reads a dataset through `open_dataset`, which leaves out the episodes the operator dropped
 (fedbot/dataset_curation.py) and normalizes with the statistics of the kept ones.
@@ -47,6 +48,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from safetensors.torch import load_file, save_file
+from torchvision.transforms.functional import resize
 
 from fedbot.atomic_files import point_link, publish_dir
 from fedbot.dataset_curation import check_dataset, keep_episodes, kept_episodes
@@ -59,6 +61,7 @@ log = logging.getLogger(__name__)
 RAW_WEIGHTS_FILE = "raw_model.safetensors"
 RUN_FILE = "fedbot_train.json"
 EMA_MAX_DECAY = 0.9999  # the Diffusion Policy paper's ceiling
+DECODE_CHUNK = 64  # camera frames decoded at recorded resolution at a time
 
 
 def open_dataset(root: Path) -> LeRobotDataset:
@@ -98,7 +101,7 @@ class InMemoryFrames:
         self.tensors: dict[str, torch.Tensor] = {}
         for key in [*self.keys, ACTION]:
             if meta.features[key]["dtype"] == "video":
-                self.tensors[key] = self._decode_video(dataset, key)
+                self.tensors[key] = self._decode_video(dataset, key, config.resize_shape)
             else:
                 self.tensors[key] = torch.as_tensor(columns.column(key).to_pylist(), dtype=torch.float32)
         episode = torch.as_tensor(columns.column("episode_index").to_numpy())
@@ -115,15 +118,34 @@ class InMemoryFrames:
         self.action_deltas = torch.tensor(config.action_delta_indices)
 
     @staticmethod
-    def _decode_video(dataset: LeRobotDataset, key: str) -> torch.Tensor:
-        meta, frames = dataset.meta, []
-        for ep in training_episodes(dataset):
-            episode = meta.episodes[ep]
+    def _decode_video(dataset: LeRobotDataset, key: str, size: tuple[int, int] | None) -> torch.Tensor:
+        """Every frame of camera `key`, (N, C, H, W) uint8, resized to `size` (H, W) when given.
+
+        Frames are decoded `DECODE_CHUNK` at a time into one preallocated tensor, so memory holds the
+        camera at the policy's resolution plus one chunk at the recorded one: 50 episodes of 20 s at
+        30 fps from a 640x480 camera are 1.1 GB at 96x128 instead of 28 GB (BENCHMARKS.md). The
+        resize is the policy's own (torchvision's bilinear, antialiased), which leaves an image already
+        at `size` unchanged; done on uint8 it differs from the policy's by rounding (<= 0.5/255).
+        """
+        meta = dataset.meta
+        episodes = {ep: meta.episodes[ep] for ep in training_episodes(dataset)}
+        height, width, channels = meta.features[key]["shape"]
+        height, width = size or (height, width)
+        total = sum(e["length"] for e in episodes.values())
+        frames = torch.empty((total, channels, height, width), dtype=torch.uint8)
+        at = 0
+        for ep, episode in episodes.items():
             start = episode[f"videos/{key}/from_timestamp"]
-            timestamps = [start + i / meta.fps for i in range(episode["length"])]
             path = dataset.root / meta.get_video_file_path(ep, key)
-            frames.append(decode_video_frames(path, timestamps, dataset.tolerance_s, return_uint8=True))
-        return torch.cat(frames)  # (N, C, H, W) uint8
+            for first in range(0, episode["length"], DECODE_CHUNK):
+                count = min(DECODE_CHUNK, episode["length"] - first)
+                timestamps = [start + (first + i) / meta.fps for i in range(count)]
+                chunk = decode_video_frames(path, timestamps, dataset.tolerance_s, return_uint8=True)
+                if size is not None:
+                    chunk = resize(chunk, list(size), antialias=True)
+                frames[at : at + count] = chunk
+                at += count
+        return frames
 
     def batch(self, size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         picks = torch.randint(len(self.sample_indices), (size,), generator=generator)

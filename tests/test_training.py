@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import torchvision
 from lerobot.common.train_utils import load_training_step
 from lerobot.datasets.factory import resolve_delta_timestamps
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
@@ -25,6 +26,7 @@ from fedbot.training import (
     train,
 )
 
+from arm_bench import record_arm_dataset
 from helpers import record_wander
 
 
@@ -44,6 +46,29 @@ def test_in_memory_batches_equal_lerobot_samples(small_dataset, preset):
         for key in [*config.input_features, "action"]:
             assert torch.allclose(batch[key][0], item[key], atol=1e-6), (index, key)
             assert torch.equal(batch[f"{key}_is_pad"][0], item[f"{key}_is_pad"]), (index, key)
+
+
+def test_camera_frames_are_held_at_the_policys_input_resolution(tmp_path):
+    """so-arm-image resizes camera images to 96x128: training holds a 240x320 camera's frames at that
+    size, and its batches equal lerobot's samples resized as the policy resizes them."""
+    root = tmp_path / "arm"
+    record_arm_dataset(tmp_path / "bench", root, 2, camera_size=(240, 320))
+    dataset = open_dataset(root)
+    config = get_preset("so-arm-image").make_config(dataset.meta.features, device="cpu")
+    frames = InMemoryFrames(dataset, config)
+    camera = "observation.images.front"
+    assert frames.tensors[camera].shape == (dataset.meta.total_frames, 3, 96, 128)
+    reference = LeRobotDataset(
+        dataset.repo_id, root=root, delta_timestamps=resolve_delta_timestamps(config, dataset.meta)
+    )
+    resize = torchvision.transforms.Resize(config.resize_shape)  # what DiffusionRgbEncoder applies
+    for index in [0, 1, dataset.meta.total_frames - 1]:
+        frames.sample_indices = torch.tensor([index])
+        batch = frames.batch(1, torch.Generator())
+        item = reference[index]
+        assert torch.allclose(batch[camera][0], resize(item[camera]), atol=0.5 / 255 + 1e-6), index
+        assert torch.equal(batch[f"{camera}_is_pad"][0], item[f"{camera}_is_pad"]), index
+        assert torch.allclose(batch["action"][0], item["action"], atol=1e-6), index
 
 
 def test_sampling_skips_the_last_frames_of_each_episode(small_dataset):
