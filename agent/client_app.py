@@ -26,7 +26,7 @@ from lerobot.utils.constants import ACTION
 
 from agent.inbox import write_to_inbox
 from agent.model_store import versions_held
-from agent.supernode import NodeSettings, note_round
+from agent.supernode import NodeSettings
 from fedbot.atomic_files import write_bytes_atomic
 from fedbot.dataset_usage import note_use
 from fedbot.evaluation import evaluate
@@ -125,8 +125,7 @@ def train(msg: Message, context: Context) -> Message:
     clipping_norm = float(config[KEY_CLIPPING_NORM]) if KEY_CLIPPING_NORM in config else None
     arrays = update_to_record(loaded.policy, received, run.weights_dtype, clipping_norm)
     note_use(node.dataset_root, f"flower run {context.run_id}", training_episodes(dataset), round=server_round)
-    note_round(
-        node.output_dir,
+    node.note_round(
         {
             "run": context.run_id,
             "round": server_round,

@@ -48,6 +48,10 @@ An SO-100/SO-101 arm (README, "Bringing up a real arm"):
     keep-models = 5
     sim-gate-episodes = 0
     sim-gate-tolerance = 0.1
+    [retention]                           # what grows while the agent runs stays bounded
+    log-max-mb = 10.0                     # the SuperNode's log is rotated at this size,
+    log-backups = 5                       # and this many rotated files are kept
+    rounds = 1000                         # lines of federation/rounds.jsonl kept
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ from pathlib import Path
 
 from fedbot.control_client import DEFAULT_SOCKET
 from fedbot.model_manifest import parse_public_key
+from fedbot.retention import MAX_LOG_BACKUPS, MAX_LOG_MB, MIN_LOG_MB
 from fedbot.scenes import DEFAULT_TASK
 from fedbot.typed_config import ConfigError, from_mapping
 from hardware.cameras import CameraSettings
@@ -128,6 +133,15 @@ class ChecksSection:
 
 
 @dataclass(frozen=True)
+class RetentionSection:
+    """How much the agent keeps of what grows while it runs (models: [checks] keep-models)."""
+
+    log_max_mb: float = 10.0  # the SuperNode's log is rotated at this size
+    log_backups: int = 5  # rotated SuperNode logs kept
+    rounds: int = 1000  # lines of rounds.jsonl kept (status' rounds-joined counts these)
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     robot_id: str
     data_dir: Path = Path("/var/lib/fedbot")
@@ -138,6 +152,7 @@ class AgentConfig:
     idle: IdleSection = IdleSection()
     control: ControlSection = ControlSection()
     checks: ChecksSection = ChecksSection()
+    retention: RetentionSection = RetentionSection()
 
     @property
     def dataset_root(self) -> Path:
@@ -266,6 +281,13 @@ def _validate(config: AgentConfig, source: str) -> None:
         raise bad("checks.keep-models", "must be >= 2 (the live model and one to roll back to)")
     if config.checks.sim_gate_episodes < 0:
         raise bad("checks.sim-gate-episodes", "must be >= 0")
+    retention = config.retention
+    if not MIN_LOG_MB <= retention.log_max_mb <= MAX_LOG_MB:
+        raise bad("retention.log-max-mb", f"must lie in [{MIN_LOG_MB}, {MAX_LOG_MB}], got {retention.log_max_mb!r}")
+    if not 1 <= retention.log_backups <= MAX_LOG_BACKUPS:
+        raise bad("retention.log-backups", f"must lie in 1..{MAX_LOG_BACKUPS}, got {retention.log_backups!r}")
+    if not 1 <= retention.rounds <= 1_000_000:
+        raise bad("retention.rounds", f"must lie in 1..1000000, got {config.retention.rounds!r}")
     if not 0 < config.idle.check_in_hours <= 24 * 365:
         raise bad("idle.check-in-hours", f"must lie in (0, 8760], got {config.idle.check_in_hours!r}")
     if config.idle.min_new_episodes < 0 or config.idle.cooldown_seconds < 0:

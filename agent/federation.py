@@ -23,6 +23,7 @@ from pathlib import Path
 from agent.config import AgentConfig, IdleSection
 from agent.supernode import SuperNode, SuperNodeSettings, rounds_joined
 from fedbot.episode_store import committed_episodes
+from fedbot.retention import LogRotation
 
 log = logging.getLogger("fedbot.agent")
 STABLE_SUPERNODE = 60.0  # a SuperNode up this long resets the restart back-off
@@ -41,11 +42,13 @@ class Federation:
                 model_inbox=model_inbox,
                 output_dir=config.federation_dir,
                 robot_id=config.robot_id,
+                keep_rounds=config.retention.rounds,
                 port=config.coordinator.supernode_port,
                 root_certificates=config.coordinator.root_certificates,
                 auth_key=config.coordinator.auth_key,
             ),
             config.data_dir / "supernode",
+            LogRotation(config.retention.log_max_mb, config.retention.log_backups),
         )
         self.failures = 0  # SuperNode exits since it last ran stably
         self._quiet_since = time.monotonic()  # end of the last recording or policy run (cooldown)

@@ -9,8 +9,8 @@ agent left behind. When the SuperNode runs is decided by agent/federation.py.
 
 The ClientApp side: the SuperNode's node config tells the ClientApp (agent/client_app.py) where this
 robot's dataset, model inbox and outputs are (`NodeSettings`), and the ClientApp notes each round it
-trained in into `rounds.jsonl` under the outputs (`note_round`), which the idle rules read back
-(`rounds_joined`).
+trained in into `rounds.jsonl` under the outputs (`NodeSettings.note_round`, the newest `keep-rounds`
+kept), which the idle rules read back (`rounds_joined`).
 """
 
 from __future__ import annotations
@@ -30,9 +30,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fedbot.atomic_files import write_bytes_atomic
 from fedbot.flower_processes import BIN, flower_environment, installed_app_sha256
 from fedbot.process_group import signal_group, start_group, stop_group
+from fedbot.retention import LogRotation, append_line
 
 log = logging.getLogger("fedbot.agent.federation")  # the name the SuperNode's log lines have always had
 ROUNDS_LOG = "rounds.jsonl"
+KEEP_ROUNDS = 1000  # rounds.jsonl lines kept by default (agent config [retention] rounds)
 PGID_FILE = "supernode.pgid"
 
 
@@ -47,6 +49,7 @@ class NodeSettings:
     dataset_root: Path
     model_inbox: Path
     output_dir: Path
+    keep_rounds: int = KEEP_ROUNDS  # lines of rounds.jsonl kept
 
     @classmethod
     def from_configs(cls, node_config: dict, sim_data_dir: str) -> NodeSettings:
@@ -59,21 +62,22 @@ class NodeSettings:
                 "node config has no 'dataset-root' (flower-supernode --node-config \"dataset-root='DIR'\")"
             )
         name = str(node_config.get("robot-id", root.name))
+        keep_rounds = node_config.get("keep-rounds", KEEP_ROUNDS)
+        if not isinstance(keep_rounds, int) or not 1 <= keep_rounds <= 1_000_000:
+            raise ValueError(f"node config 'keep-rounds' must be an integer in 1..1000000, got {keep_rounds!r}")
         return cls(
             name=name,
             dataset_root=root,
             model_inbox=Path(str(node_config.get("model-inbox", root.parent / f"{root.name}-inbox"))),
             output_dir=Path(str(node_config.get("output-dir", root.parent / f"{root.name}-outputs"))),
+            keep_rounds=keep_rounds,
         )
 
-
-def note_round(output_dir: Path, entry: dict) -> None:
-    """Append one round to rounds.jsonl (called by the ClientApp after local training)."""
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(output_dir) / ROUNDS_LOG, "a") as f:
-        f.write(json.dumps(entry) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    def note_round(self, entry: dict) -> None:
+        """Append one round to rounds.jsonl, which keeps the newest `keep_rounds` (called by the
+        ClientApp after local training)."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        append_line(self.output_dir / ROUNDS_LOG, entry, self.keep_rounds)
 
 
 def rounds_joined(output_dir: Path) -> list[dict]:
@@ -116,6 +120,7 @@ class SuperNodeSettings:
     model_inbox: Path
     output_dir: Path
     robot_id: str
+    keep_rounds: int = KEEP_ROUNDS
     port: int = 9094  # the SuperNode's own Runtime API (one per SuperNode on a host)
     root_certificates: Path | None = None  # the lab CA; None = insecure (local development)
     auth_key: Path | None = None  # the robot's private key, for SuperNode authentication
@@ -129,7 +134,7 @@ class SuperNodeSettings:
             "output-dir": Path(self.output_dir).resolve(),
             "robot-id": self.robot_id,
         }
-        return " ".join(f"{key}='{value}'" for key, value in values.items())
+        return " ".join(f"{key}='{value}'" for key, value in values.items()) + f" keep-rounds={self.keep_rounds}"
 
     def command(self) -> list[str]:
         """flower-supernode under agent/warm_clientapp.py, which starts its ClientApps warm and only
@@ -166,9 +171,10 @@ class SuperNodeSettings:
 class SuperNode:
     """One `flower-supernode` process of this robot, in its own process group."""
 
-    def __init__(self, settings: SuperNodeSettings, state_dir: Path):
+    def __init__(self, settings: SuperNodeSettings, state_dir: Path, log_rotation: LogRotation):
         self.settings = settings
         self.state_dir = Path(state_dir)
+        self.log_rotation = log_rotation
         self.process: subprocess.Popen | None = None
 
     @property
@@ -180,7 +186,9 @@ class SuperNode:
         self.kill_leftover()
         flwr_home = self.state_dir / "flwr-home"
         flwr_home.mkdir(exist_ok=True)
-        self.process = start_group(self.settings.command(), self.settings.environment(flwr_home), self.log_path)
+        self.process = start_group(
+            self.settings.command(), self.settings.environment(flwr_home), self.log_path, self.log_rotation
+        )
         (self.state_dir / PGID_FILE).write_text(str(self.process.pid))
         log.info(
             "SuperNode started (pid %d) towards %s; log %s", self.process.pid, self.settings.superlink, self.log_path

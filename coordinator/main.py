@@ -1,6 +1,6 @@
 """`fedbot-coordinator`: the lab server's service around the federation.
 
-    fedbot-coordinator serve --state-dir DIR [--every S] [--min-new-episodes N] [options of run]
+    fedbot-coordinator serve --state-dir DIR [--every S] [--min-new-episodes N] [--keep-runs N] [options of run]
     fedbot-coordinator run --state-dir DIR [--tls DIR [--auth --register KEY.pub ... --register-dir DIR]]
                            [--run-config "k=v ..."]
     fedbot-coordinator run-now --state-dir DIR
@@ -14,7 +14,9 @@ the run is submitted again: the ServerApp continues from its last saved global m
 `serve`, the service, does the same for run after run: one at its start and every `--every` seconds
 (training only if the robots recorded `--min-new-episodes`; otherwise the run only sends the fleet's
 latest model to the robots that lack it), and one at once on `run-now`. Each new run starts from the
-fleet's latest published model (coordinator/lineage.py).
+fleet's latest published model (coordinator/lineage.py). After each run it deletes the runs older
+than the newest `--keep-runs` that it no longer needs (coordinator/registry.py `prune_runs`). The
+SuperLink's log, <state-dir>/superlink.log, is rotated at `--log-max-mb` (fedbot/retention.py).
 
 Under systemd it is a `Type=notify` service (deploy/systemd/fedbot-coordinator.service): READY=1 once
 robots can join, STATUS= on restarts and at the end of the run, STOPPING=1 on shutdown.
@@ -36,9 +38,11 @@ from pathlib import Path
 
 from coordinator.credentials import make_server_certificate
 from coordinator.fleet_status import fleet_status, print_status
+from coordinator.registry import prune_runs
 from coordinator.superlink import CONNECTION, SuperLink, SuperLinkSettings
 from fedbot.atomic_files import write_bytes_atomic
 from fedbot.flower_processes import BIN, PROJECT
+from fedbot.retention import LogRotation
 from fedbot.service import (
     configure_logging,
     notify_ready,
@@ -96,11 +100,14 @@ def submit_and_stream(superlink: SuperLink, app: Path, run_config: list[str]) ->
 class Schedule:
     """When `serve` starts runs: every `every` seconds (from one start to the next, the first at
     once), each training only if the robots recorded `min_new_episodes` since the fleet's model;
-    and at once, training whatever the data, when `run_now` appears (`fedbot-coordinator run-now`)."""
+    and at once, training whatever the data, when `run_now` appears (`fedbot-coordinator run-now`).
+    After each run, the runs in `output_dir` older than the newest `keep_runs` go (`prune_runs`)."""
 
     every: float
     min_new_episodes: int
     run_now: Path
+    output_dir: Path
+    keep_runs: int
 
     def wait(self, last_start: float | None) -> list[str]:
         """Block until the next run is due; returns its run-config overrides."""
@@ -144,6 +151,8 @@ def serve(
             last_start = time.monotonic()
             status = run_to_end(superlink, app, [*run_config, *overrides], register, restarts)
             notify_status(f"last run: {status}; {joinable}")
+            if deleted := prune_runs(schedule.output_dir, schedule.keep_runs):
+                log.info("deleted %d old runs (--keep-runs %d): %s", len(deleted), schedule.keep_runs, deleted)
     except Stopped as why:
         log.info("stopping (%s)", why)
         return 0
@@ -245,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     common.add_argument("--app", type=Path, default=PROJECT, help="the Flower app to run (default: this repository)")
     common.add_argument("--restarts", type=int, default=3, help="SuperLink restarts per run before giving up")
+    common.add_argument(
+        "--log-max-mb", type=float, default=10.0, metavar="MB", help="rotate <state-dir>/superlink.log at this size"
+    )
+    common.add_argument("--log-backups", type=int, default=5, metavar="N", help="rotated SuperLink logs kept")
     commands.add_parser(
         "run", parents=[common], help="start the SuperLink, submit one federated run, stream its log, exit"
     )
@@ -264,6 +277,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="a scheduled run trains only if the robots recorded N episodes since the fleet's model; "
         "otherwise it only sends that model to robots that lack it",
+    )
+    service.add_argument(
+        "--keep-runs",
+        type=int,
+        default=50,
+        metavar="N",
+        help="after each run, delete the runs older than the newest N, except unfinished ones and the one "
+        "holding the fleet's model",
     )
     status = commands.add_parser("status", help="the robots the runs have seen: data, models, last contact")
     status.add_argument("--output-dir", type=Path, default=Path("outputs"), help="the coordinator's --output-dir")
@@ -298,8 +319,17 @@ def main(argv: list[str] | None = None) -> int:
             write_bytes_atomic(args.state_dir / RUN_NOW, b"")
             print(f"run requested: the service in {args.state_dir} starts it when the current run (if any) ends")
             return 0
+        try:
+            log_rotation = LogRotation(args.log_max_mb, args.log_backups)
+        except ValueError as error:
+            raise ValueError(f"--log-max-mb / --log-backups: {error}") from None
         settings = SuperLinkSettings(
-            state_dir=args.state_dir.resolve(), host=args.host, port=args.port, tls_dir=args.tls, auth=args.auth
+            state_dir=args.state_dir.resolve(),
+            host=args.host,
+            port=args.port,
+            tls_dir=args.tls,
+            auth=args.auth,
+            log_rotation=log_rotation,
         )
         register = robot_keys(args.register, args.register_dir)
         run_config = [f"output-dir='{args.output_dir.resolve()}'", *args.run_config]
@@ -307,7 +337,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             if not 0 < args.every <= 30 * 24 * 3600 or not 0 <= args.min_new_episodes <= 1_000_000:
                 raise ValueError("--every must lie in (0, 30 days] and --min-new-episodes in [0, 1000000]")
-            schedule = Schedule(args.every, args.min_new_episodes, settings.state_dir / RUN_NOW)
+            if not 1 <= args.keep_runs <= 100_000:
+                raise ValueError(f"--keep-runs must lie in [1, 100000], got {args.keep_runs}")
+            schedule = Schedule(
+                every=args.every,
+                min_new_episodes=args.min_new_episodes,
+                run_now=settings.state_dir / RUN_NOW,
+                output_dir=args.output_dir.resolve(),
+                keep_runs=args.keep_runs,
+            )
         return serve(settings, args.app.resolve(), run_config, register, args.restarts, schedule)
     except (ValueError, RuntimeError, TimeoutError, OSError) as error:
         print(f"fedbot-coordinator: error: {error}", file=sys.stderr)

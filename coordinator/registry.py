@@ -14,7 +14,8 @@
         state.json                  the run config, whether the run finished (for resume) and whether
                                     it was skipped (too little new data)
 
-Every JSON file is written atomically; a model directory appears complete or not at all.
+Every JSON file is written atomically; a model directory appears complete or not at all. The
+service keeps the newest runs and the ones it still needs (`prune_runs`).
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.numpy import load_file, save_file
 
-from fedbot.atomic_files import publish_dir, write_bytes_atomic, write_json_atomic
+from fedbot.atomic_files import fsync_dir, publish_dir, write_bytes_atomic, write_json_atomic
 from fedbot.model_manifest import MANIFEST, generate_key, load_private_key, sign_model_dir
 from fedbot.policy_io import LoadedPolicy, save_policy
 from fedbot.run_config import RunConfig
 
 log = logging.getLogger("fedbot.coordinator.registry")
+
+PRUNED_DIR = ".pruned"  # in the output dir: runs being deleted
 
 # Settings that must be equal for a restarted coordinator to continue a run rather than start anew.
 RESUME_KEYS = ("preset", "strategy", "weights_dtype")
@@ -242,3 +245,32 @@ def signing_key(run: RunConfig) -> Ed25519PrivateKey:
     public = generate_key(path, "fedbot-coordinator")
     log.info("models are signed with %s (robots trust: %s)", path, public)
     return load_private_key(path)
+
+
+def prune_runs(output_dir: Path, keep: int) -> list[str]:
+    """Delete the run directories older than the newest `keep`, except those still needed: unfinished
+    runs (a restarted coordinator resumes them) and, per preset, the newest finished run that published
+    a model (the fleet's model, which warm starts and catch-ups read). A run is renamed out of the
+    output dir before it is deleted, so a crash leaves no half-deleted run beside the others.
+    Returns the names of the runs deleted."""
+    output_dir = Path(output_dir)
+    trash = output_dir / PRUNED_DIR
+    shutil.rmtree(trash, ignore_errors=True)  # what a crash in the last pruning left
+    runs = sorted(path.parent for path in output_dir.glob("*/state.json"))
+    needed, published = set(), set()
+    for run in reversed(runs):
+        state = json.loads((run / "state.json").read_text())
+        preset = state["config"].get("preset")
+        if not state["finished"]:
+            needed.add(run)
+        elif preset not in published and RunDirectory.read_registry(run)["latest"] is not None:
+            needed.add(run)
+            published.add(preset)
+    deleted = [run for run in runs[: max(len(runs) - keep, 0)] if run not in needed]
+    if deleted:
+        trash.mkdir(exist_ok=True)
+        for run in deleted:
+            os.replace(run, trash / run.name)
+        fsync_dir(output_dir)
+        shutil.rmtree(trash)
+    return [run.name for run in deleted]

@@ -27,6 +27,7 @@ from coordinator.credentials import CA_CERT, SERVER_CERT, SERVER_KEY
 from coordinator.fleet_gateway import FleetGateway
 from fedbot.flower_processes import BIN, flower_environment, free_port
 from fedbot.process_group import start_group, stop_group
+from fedbot.retention import LogRotation
 
 log = logging.getLogger("fedbot.coordinator")
 CONNECTION = "fedbot"
@@ -43,6 +44,7 @@ class SuperLinkSettings:
     port: int = 9092
     tls_dir: Path | None = None  # holds ca.crt, server.pem, server.key (`fedbot-coordinator credentials`)
     auth: bool = False  # only registered robots may join (needs TLS)
+    log_rotation: LogRotation = LogRotation()  # of <state-dir>/superlink.log
 
     def __post_init__(self):
         if self.auth and self.tls_dir is None:
@@ -120,7 +122,10 @@ class SuperLink:
         (settings.flwr_home / "config.toml").write_text(settings.connection_toml(self.superlink_port))
         # Its own process group, so that stopping it also reaches the SuperExec and ServerApp it spawns.
         self.process = start_group(
-            settings.command(self.superlink_port), settings.environment(), settings.state_dir / "superlink.log"
+            settings.command(self.superlink_port),
+            settings.environment(),
+            settings.state_dir / "superlink.log",
+            settings.log_rotation,
         )
         self._wait_ready(ready_timeout)
         self.gateway = FleetGateway(settings.host, settings.port, self.superlink_port, settings.tls_files())

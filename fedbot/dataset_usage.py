@@ -3,19 +3,18 @@
 `fedbot train` notes one line each time it starts on a dataset, the ClientApp one line per federated
 round, in `DIR/.fedbot/training-log.jsonl`: {"run": ..., "round": ..., "episodes": "0-41,43-50",
 "time": ...}. Episodes are written as ranges, so a line stays short however many episodes there are
-(a dropped episode is one gap). The log keeps its newest MAX_ENTRIES lines: once it holds twice that,
-the older half is cut off in an atomic rewrite. `fedbot dataset show` reads it.
+(a dropped episode is one gap). The log keeps its newest MAX_ENTRIES lines (fedbot/retention.py).
+`fedbot dataset show` reads it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
-from fedbot.atomic_files import write_bytes_atomic
 from fedbot.dataset_curation import CURATION_DIR, locked
+from fedbot.retention import append_line
 
 LOG_FILE = "training-log.jsonl"
 MAX_ENTRIES = 1000  # lines kept (a line is ~100 bytes for one round)
@@ -25,14 +24,7 @@ def note_use(root: Path, run: str, episodes: list[int], **fields) -> None:
     """Append that `run` trained on `episodes` of the dataset at `root` (with `fields`, e.g. the round)."""
     entry = {"run": run, **fields, "episodes": to_ranges(episodes), "time": round(time.time(), 3)}
     with locked(root) as directory:
-        path = directory / LOG_FILE
-        with open(path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        lines = path.read_bytes().splitlines(keepends=True)
-        if len(lines) >= 2 * MAX_ENTRIES:
-            write_bytes_atomic(path, b"".join(lines[-MAX_ENTRIES:]))
+        append_line(directory / LOG_FILE, entry, MAX_ENTRIES)
 
 
 def uses(root: Path) -> list[dict]:

@@ -2,7 +2,8 @@
 
 flower-superlink and flower-supernode each spawn a flower-superexec, which spawns the app processes.
 Signalling the whole group reaches all of them; PR_SET_PDEATHSIG makes the direct child get
-SIGTERM when its parent dies, however it dies (SIGKILL included).
+SIGTERM when its parent dies, however it dies (SIGKILL included). Their output goes to a log file
+rotated by size (fedbot/retention.py).
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ import ctypes
 import os
 import signal
 import subprocess
+import threading
 from pathlib import Path
+
+from fedbot.retention import LogRotation, capture_output
 
 PR_SET_PDEATHSIG = 1
 
@@ -21,21 +25,30 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def start_group(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    """Start `command` as the leader of a new process group, its output appended to `log_path`."""
-    with open(log_path, "ab") as log_file:
-        return subprocess.Popen(
-            command,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
+class GroupLeader(subprocess.Popen):
+    """A child started by `start_group`, with the thread that copies its output into its log."""
+
+    output_copier: threading.Thread
 
 
-def stop_group(process: subprocess.Popen, timeout: float) -> None:
-    """SIGTERM to the group, SIGKILL after `timeout`, then SIGKILL to anything left in the group."""
+def start_group(command: list[str], env: dict[str, str], log_path: Path, rotation: LogRotation) -> GroupLeader:
+    """Start `command` as the leader of a new process group, its output appended to `log_path`,
+    which is rotated as `rotation` says."""
+    process = GroupLeader(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+        preexec_fn=die_with_parent,
+    )
+    process.output_copier = capture_output(process.stdout, log_path, rotation)
+    return process
+
+
+def stop_group(process: GroupLeader, timeout: float) -> None:
+    """SIGTERM to the group, SIGKILL after `timeout`, then SIGKILL to anything left in the group;
+    returns once the group's last output is in its log."""
     signal_group(process.pid, signal.SIGTERM)
     try:
         process.wait(timeout=timeout)
@@ -43,6 +56,7 @@ def stop_group(process: subprocess.Popen, timeout: float) -> None:
         signal_group(process.pid, signal.SIGKILL)
         process.wait()
     signal_group(process.pid, signal.SIGKILL)  # a superexec may outlive its parent
+    process.output_copier.join(timeout=timeout)  # the pipe closes with the last process of the group
 
 
 def signal_group(pgid: int, sig: int) -> None:

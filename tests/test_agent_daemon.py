@@ -112,6 +112,8 @@ def test_the_data_rule_for_joining_the_federation(episodes, last_round, blocker)
             'robot-id = "r1"\n[robot]\nscene-part = 4\nscene-parts = 4\n',
             "key 'robot.scene-part' must lie in [0, scene-parts)",
         ),
+        ('robot-id = "r1"\n[retention]\nlog-max-mb = 0.0\n', "key 'retention.log-max-mb' must lie in"),
+        ('robot-id = "r1"\n[retention]\nrounds = 0\n', "key 'retention.rounds' must lie in 1..1000000"),
     ],
 )
 def test_bad_config_names_the_key_and_the_file(tmp_path, capsys, text, message):

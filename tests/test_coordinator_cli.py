@@ -61,3 +61,7 @@ def test_settings_that_cannot_work_are_refused_with_the_reason(tmp_path):
     assert result.returncode == 2 and "server.pem" in result.stderr
     result = coordinator("run", "--state-dir", str(tmp_path / "s"), "--register", str(tmp_path / "nope.pub"))
     assert result.returncode == 2 and "nope.pub" in result.stderr
+    result = coordinator("run", "--state-dir", str(tmp_path / "s"), "--log-backups", "0")
+    assert result.returncode == 2 and "--log-max-mb / --log-backups" in result.stderr
+    result = coordinator("serve", "--state-dir", str(tmp_path / "s"), "--keep-runs", "0")
+    assert result.returncode == 2 and "--keep-runs must lie in [1, 100000]" in result.stderr
