@@ -9,8 +9,10 @@ export FLWR_TELEMETRY_ENABLED := 0
 sim: setup
 	$(VENV)/bin/fedbot sim $(ARGS)
 
+# Tests run in TEST_WORKERS processes (pytest-xdist): many wait on Flower processes, not the CPU.
+TEST_WORKERS ?= 3
 test: setup lint
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
