@@ -97,6 +97,7 @@ def test_model_updates_on_a_full_then_read_only_disk_are_a_fault_the_agent_recov
             assert status["live-model"]["name"] == status["control"]["model"] == "round_0002-b"
             set_read_only(models, False)
             agent.wait_for(r"model round_0003-c is live", timeout=120)
+            agent.wait_for(r"the models thread \(inbox\) recovered", timeout=10)  # the pass ends after the swap
             status = request(sock, "status")
             assert status["state"] == "running-policy" and status["faults"] == []
             assert status["live-model"]["name"] == status["control"]["model"] == "round_0003-c"
