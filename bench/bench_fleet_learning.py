@@ -13,14 +13,16 @@ same recipe (the preset's) and the same compute:
 
 Every model at each budget of `--budgets` (in rounds) is evaluated on `--eval` held-out seeds
 (>= 100000, the whole scene distribution); local models also on their own robot's scene part.
-Each finished point is appended to `<work>/results.jsonl` and a run is resumed from its last
-checkpoint, so the bench can be stopped and started again with the same arguments; `--upto R`
-pauses every arm after R rounds (the schedules still span `--rounds`), so the early budgets of all
-arms come first. Prints a table with 95% Wilson intervals and writes `<work>/fleet_learning.png`.
+`bench/results/fleet_learning.jsonl` holds the points measured so far (BENCHMARKS.md).
+Each finished point is appended to `--results` (default `<work>/results.jsonl`) and a run is
+resumed from its last checkpoint, so the bench can be stopped and started again with the same
+arguments; `--upto R` pauses every arm after R rounds (the schedules still span `--rounds`), so the
+early budgets of all arms come first. Prints a table with 95% Wilson intervals and plots the
+learning curves next to the results file (.png).
 
     .venv/bin/python bench/bench_fleet_learning.py [--robots 4] [--episodes 25] [--rounds 20]
         [--local-steps 500] [--budgets 5 10 20] [--eval 100] [--seeds 0 1] [--arms local federated centralized]
-        [--strategies fedavg] [--dp-noise Z --dp-clip C] [--upto ROUNDS] [--work DIR]
+        [--strategies fedavg] [--dp-noise Z --dp-clip C] [--upto ROUNDS] [--work DIR] [--results FILE]
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ def train_alone(
             )
             policy = checkpoint / PRETRAINED_MODEL_DIR
             evaluate_point(results, policy, args.eval, (0, 1), scenes="all", **key)
-            if robot is not None and rounds == max(args.budgets):
+            if robot is not None:
                 evaluate_point(results, policy, args.eval, (robot, args.robots), scenes="own", **key)
         if step >= pause_at:
             raise Paused
@@ -283,10 +285,11 @@ def main() -> None:
     parser.add_argument("--preset", default="pusht-state")
     parser.add_argument("--upto", type=int, default=None, help="pause every arm after this many rounds")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "fedbot-fleet-learning")
+    parser.add_argument("--results", type=Path, default=None, help="the evaluated points (jsonl); <work>/results.jsonl")
     args = parser.parse_args()
     args.upto = args.upto or max(args.rounds, *args.budgets)
     args.work.mkdir(parents=True, exist_ok=True)
-    results = Results(args.work / "results.jsonl")
+    results = Results(args.results or args.work / "results.jsonl")
 
     data = args.work / f"fleet-{args.robots}x{args.episodes}-split"
     robots = fleet_datasets(data, args.robots, args.episodes, split_scenes=True)
@@ -319,7 +322,7 @@ def main() -> None:
                 robot=None,
             )
     print_table(results, args)
-    plot(results, args.work / "fleet_learning.png")
+    plot(results, results.path.with_suffix(".png"))
 
 
 if __name__ == "__main__":
