@@ -4,6 +4,9 @@ VENV := .venv
 export HF_HUB_OFFLINE := 1
 export SVT_LOG := 1
 export FLWR_TELEMETRY_ENABLED := 0
+# Many torch processes share the cores here (tests in parallel, a coordinator and robots in `make sim`):
+# OpenMP threads that spin while they wait took the CPU from the others (BENCHMARKS.md, Test suite).
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: sim test lint setup bench
 sim: setup

@@ -106,6 +106,7 @@ class EmulatedBus:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._fds: tuple[int, int] | None = None
+        self._replies_to_lose = 0
 
     # -- the cable ----------------------------------------------------------------------------------------
     def plug(self) -> EmulatedBus:
@@ -144,6 +145,11 @@ class EmulatedBus:
             self._advance()
             return {i: s.present() for i, s in self.servos.items()}
 
+    def lose_replies(self, count: int) -> None:
+        """The next `count` status packets never reach the host (the instructions still take effect)."""
+        with self._lock:
+            self._replies_to_lose = count
+
     def register(self, servo_id: int, name: str) -> int:
         with self._lock:
             return self.servos[servo_id].get(name)
@@ -165,6 +171,9 @@ class EmulatedBus:
                 with self._lock:
                     self._advance()
                     reply = self._answer(*packet)
+                    if reply and self._replies_to_lose > 0:
+                        self._replies_to_lose -= 1
+                        reply = b""
                 if reply:
                     os.write(master, reply)
 

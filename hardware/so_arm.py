@@ -153,6 +153,16 @@ class _ArmDevice:
     def calibrate(self) -> None:
         """Calibration is lerobot-calibrate's job (see `_NoPromptCalibration`)."""
 
+    def _connect_with_retries(self) -> None:
+        """`_connect_arm`, again while the port is there, up to CONNECT_ATTEMPTS in all (a missed status packet)."""
+        for attempt in range(1, CONNECT_ATTEMPTS + 1):
+            try:
+                self._connect_arm()
+                return
+            except HardwareFault:
+                if attempt == CONNECT_ATTEMPTS or not Path(self.config.port).exists():
+                    raise
+
     def _require_connected(self) -> None:
         if self.arm is None:
             raise HardwareFault(self.fault or f"{self.id} is not connected")
@@ -218,13 +228,7 @@ class SOArm(_ArmDevice, Robot):
         nothing: if any part fails (a device, or a camera that is not what the config says), what was
         connected is closed again (the arm's torque off) and the error raised."""
         _require_calibration(self, "robot", self.config.arm_type, self.config.port)
-        for attempt in range(1, CONNECT_ATTEMPTS + 1):
-            try:
-                self._connect_arm()
-                break
-            except HardwareFault:
-                if attempt == CONNECT_ATTEMPTS or not Path(self.config.port).exists():
-                    raise
+        self._connect_with_retries()
         try:
             for name, settings in self.config.cameras.items():
                 with _device_errors(self, f"camera {name} ({settings.index_or_path})"):
@@ -388,12 +392,15 @@ class SOLeaderArm(_ArmDevice, Teleoperator):
 
     def connect(self, calibrate: bool = True) -> None:
         _require_calibration(self, "teleop", self.config.arm_type, self.config.port)
+        self._connect_with_retries()
+        self.fault = None
+
+    def _connect_arm(self) -> None:
         self.arm = _Leader(
             SOLeaderTeleopConfig(id=self.id, calibration_dir=self.calibration_dir, port=self.config.port)
         )
         with _device_errors(self, f"leader arm on {self.config.port}"):
             self.arm.connect(calibrate=True)
-        self.fault = None
 
     def configure(self) -> None:
         """lerobot's SOLeader configures the motors (torque off) in `connect`."""

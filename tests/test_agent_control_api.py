@@ -201,6 +201,7 @@ def test_a_rollback_asked_for_during_a_swap_waits_for_it_and_leaves_a_consistent
             agent.wait_for(r"new model round_0003-c: checking", timeout=60)
             rollback = pool.submit(request, sock, "rollback")
             assert rollback.result(timeout=120) == {"live": "round_0002-b"}
+        agent.wait_for(r"rolled back to round_0002-b", timeout=30)  # logged by the worker after it answered
         text = agent.text()
         assert text.index("model round_0003-c is live") < text.index("rolled back to round_0002-b")
         status = request(sock, "status")

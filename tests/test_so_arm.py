@@ -60,6 +60,22 @@ def test_connect_writes_the_calibration_file_to_the_motors_without_asking(bench)
     arm.disconnect()
 
 
+def test_a_status_packet_lost_while_connecting_costs_one_more_try(bench):
+    """A healthy bus drops a reply now and then; connecting the follower or the leader tries again."""
+    tmp_path, follower, leader = bench
+    follower.lose_replies(1)
+    arm = _arm(tmp_path)
+    arm.connect()
+    leader.lose_replies(1)
+    hand = make_teleop(
+        "so101_leader", id="arm-leader", port=str(tmp_path / "leader"), calibration_dir=tmp_path / "calibration"
+    )
+    hand.connect()
+    assert arm.is_connected and hand.is_connected
+    hand.disconnect()
+    arm.disconnect()
+
+
 def test_a_missing_calibration_names_the_command_and_leaves_the_port_alone(bench):
     tmp_path, follower, _ = bench
     arm = make_robot(
