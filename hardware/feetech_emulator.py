@@ -96,8 +96,15 @@ class EmulatedBus:
     that moment), `torque_writes` every Torque_Enable write (id, value), in order.
     """
 
-    def __init__(self, link: Path, ids=range(1, 7), hand: Callable[[float], dict[int, int]] | None = None):
+    def __init__(
+        self,
+        link: Path,
+        ids=range(1, 7),
+        hand: Callable[[float], dict[int, int]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.link = Path(link)
+        self.clock = clock  # the joints move with its seconds: a test can hold time still
         self.servos = {i: Servo(i) for i in ids}
         self.hand = hand
         self.goals: list[tuple[int, int, int]] = []
@@ -118,7 +125,7 @@ class EmulatedBus:
         tmp.symlink_to(os.ttyname(slave))
         tmp.replace(self.link)
         self._stop.clear()
-        self._started = time.monotonic()
+        self._started = self.clock()
         self._thread = threading.Thread(target=self._serve, args=(master,), name=f"bus {self.link.name}", daemon=True)
         self._thread.start()
         return self
@@ -157,7 +164,7 @@ class EmulatedBus:
     # -- serving ------------------------------------------------------------------------------------------
     def _serve(self, master: int) -> None:
         buffer = bytearray()
-        self._last = time.monotonic()
+        self._last = self.clock()
         while not self._stop.is_set():
             ready, _, _ = select.select([master], [], [], 0.02)
             if not ready:
@@ -178,7 +185,7 @@ class EmulatedBus:
                     os.write(master, reply)
 
     def _advance(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         dt, self._last = now - self._last, now
         imposed = self.hand(now - self._started) if self.hand is not None else {}
         for servo in self.servos.values():

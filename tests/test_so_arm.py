@@ -34,11 +34,11 @@ def bench(tmp_path):
         yield tmp_path, follower, leader
 
 
-def _arm(tmp_path, cameras=None, **settings):
+def _arm(tmp_path, cameras=None, port=None, **settings):
     return make_robot(
         "so101_follower",
         "arm",
-        port=str(tmp_path / "follower"),
+        port=port or str(tmp_path / "follower"),
         fps=30,
         calibration_dir=tmp_path / "calibration",
         max_relative_target=MAX_STEP_DEGREES,
@@ -126,22 +126,43 @@ def test_actions_stay_within_the_joint_range_and_the_step_limit(bench, caplog):
 
 
 def test_hold_and_an_ordered_torque_off(bench):
-    tmp_path, follower, _ = bench
-    arm = _arm(
-        tmp_path,
-        torque_off_order=("gripper", "wrist_roll", "wrist_flex", "elbow_flex", "shoulder_lift", "shoulder_pan"),
-    )
-    arm.connect()
-    arm.reset(0)
-    arm.send_action({ACTION: np.full(6, 9.0, np.float32)})
-    arm.hold()
-    arm.get_observation()
-    present = follower.present()
-    for servo, goal, _ in follower.goals[-6:]:
-        assert abs(goal - present[servo]) <= 3  # held where it was, not at the commanded target
-    before = len(follower.torque_writes)
-    arm.disconnect()  # torque writes are answered: all have arrived when it returns
-    assert follower.torque_writes[before:] == [(6, 0), (5, 0), (4, 0), (3, 0), (2, 0), (1, 0)]
+    """The joints move only when the test's clock advances: hold stops them where they are, short of
+    the commanded target, and they stay there."""
+    tmp_path, _, _ = bench
+    clock = ManualClock()
+    with EmulatedBus(tmp_path / "still-follower", clock=clock) as follower:
+        arm = _arm(
+            tmp_path,
+            port=str(tmp_path / "still-follower"),
+            torque_off_order=("gripper", "wrist_roll", "wrist_flex", "elbow_flex", "shoulder_lift", "shoulder_pan"),
+        )
+        arm.connect()
+        arm.reset(0)
+        start = follower.present()
+        arm.send_action({ACTION: np.full(6, 9.0, np.float32)})
+        arm.get_observation()  # the goals have arrived (a sync write has no reply)
+        target = {servo: goal for servo, goal, _ in follower.goals[-6:]}
+        clock.now += 0.005  # 15 steps on the way
+        arm.hold()
+        arm.get_observation()  # the hold's goals have arrived (a sync write has no reply)
+        clock.now += 1.0  # time enough to reach the old target
+        present = follower.present()
+        for servo, goal, _ in follower.goals[-6:]:
+            assert goal == present[servo] != target[servo]  # held where it was, not at the commanded target
+            assert abs(present[servo] - start[servo]) <= 15 < abs(target[servo] - start[servo])
+        before = len(follower.torque_writes)
+        arm.disconnect()  # torque writes are answered: all have arrived when it returns
+        assert follower.torque_writes[before:] == [(6, 0), (5, 0), (4, 0), (3, 0), (2, 0), (1, 0)]
+
+
+class ManualClock:
+    """Seconds that pass only when a test says so."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def test_a_pulled_cable_is_a_fault_until_the_port_returns(bench):
