@@ -14,6 +14,7 @@ pty behind the same link.
 
 from __future__ import annotations
 
+import gc
 import os
 import select
 import threading
@@ -117,6 +118,11 @@ class EmulatedBus:
 
     # -- the cable ----------------------------------------------------------------------------------------
     def plug(self) -> EmulatedBus:
+        # The servos answer from a thread of the host process. A full garbage collection of a large heap
+        # (a test process, ~200 ms) holds the GIL past lerobot's 50 ms packet timeout, which real servos
+        # never see: collect once and freeze what is left, as the agent does at start.
+        gc.collect()
+        gc.freeze()
         master, slave = os.openpty()
         tty.setraw(slave)
         self._fds = (master, slave)
