@@ -98,11 +98,15 @@ def fleet_datasets(work: Path, robots: int, episodes: int, split_scenes: bool) -
 
 
 def pooled_dataset(root: Path, datasets: list[Path]) -> Path:
-    """The robots' episodes in one dataset (lerobot's aggregate_datasets), unless `root` holds it."""
-    if not (root / "meta" / "info.json").exists():
+    """The robots' episodes in one dataset (lerobot's aggregate_datasets), unless `root` holds it.
+    Built beside `root` and renamed into place: a bench stopped while it copies leaves no half dataset."""
+    if not root.exists():
+        partial = root.with_name(root.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
         aggregate_datasets(
-            [f"fedbot/{d.name}" for d in datasets], f"fedbot/{root.name}", roots=datasets, aggr_root=root
+            [f"fedbot/{d.name}" for d in datasets], f"fedbot/{root.name}", roots=datasets, aggr_root=partial
         )
+        partial.rename(root)
     return root
 
 
