@@ -34,6 +34,24 @@ def bench(tmp_path):
         yield tmp_path, follower, leader
 
 
+class ManualClock:
+    """Seconds that pass only when a test says so."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def still_follower(bench):
+    """A second follower bus whose joints move only when the test advances `still_follower.clock`."""
+    tmp_path, _, _ = bench
+    with EmulatedBus(tmp_path / "still-follower", clock=ManualClock()) as follower:
+        yield follower
+
+
 def _arm(tmp_path, cameras=None, port=None, **settings):
     return make_robot(
         "so101_follower",
@@ -95,12 +113,13 @@ def test_a_missing_calibration_names_the_command_and_leaves_the_port_alone(bench
         leader.connect()
 
 
-def test_actions_stay_within_the_joint_range_and_the_step_limit(bench, caplog):
-    tmp_path, follower, _ = bench
+def test_actions_stay_within_the_joint_range_and_the_step_limit(bench, still_follower, caplog):
+    tmp_path, _, _ = bench
+    follower = still_follower
     caplog.set_level(logging.INFO)
     for servo in follower.servos.values():
         servo.position = RANGE[1] - 50  # near the top of every joint's range
-    arm = _arm(tmp_path)
+    arm = _arm(tmp_path, port=str(follower.link))
     arm.connect()
     arm.reset(0)
     start = len(follower.goals)
@@ -112,9 +131,7 @@ def test_actions_stay_within_the_joint_range_and_the_step_limit(bench, caplog):
     for _ in range(5):  # far below: the step limit binds (10 degrees from where the joint is)
         arm.send_action({ACTION: np.full(6, -1000.0, np.float32)})
     arm.get_observation()
-    # lerobot limits the step from the position it read just before writing; the joint may have
-    # moved a few steps (3000 steps/s) by the time the goal arrives.
-    max_step = MAX_STEP_DEGREES / DEGREES_PER_STEP + 10
+    max_step = MAX_STEP_DEGREES / DEGREES_PER_STEP + 1  # lerobot limits in degrees, then rounds to steps
     for servo, goal, present in follower.goals[start:]:
         assert RANGE[0] <= goal < present
         if servo != 6:  # the gripper's limit is in percent of its range, not degrees
@@ -125,44 +142,32 @@ def test_actions_stay_within_the_joint_range_and_the_step_limit(bench, caplog):
     assert "max-relative-target (10.0) limited 5 actions" in caplog.text  # the 5 steps down
 
 
-def test_hold_and_an_ordered_torque_off(bench):
-    """The joints move only when the test's clock advances: hold stops them where they are, short of
-    the commanded target, and they stay there."""
+def test_hold_and_an_ordered_torque_off(bench, still_follower):
+    """Hold stops the joints where they are, short of the commanded target, and they stay there."""
     tmp_path, _, _ = bench
-    clock = ManualClock()
-    with EmulatedBus(tmp_path / "still-follower", clock=clock) as follower:
-        arm = _arm(
-            tmp_path,
-            port=str(tmp_path / "still-follower"),
-            torque_off_order=("gripper", "wrist_roll", "wrist_flex", "elbow_flex", "shoulder_lift", "shoulder_pan"),
-        )
-        arm.connect()
-        arm.reset(0)
-        start = follower.present()
-        arm.send_action({ACTION: np.full(6, 9.0, np.float32)})
-        arm.get_observation()  # the goals have arrived (a sync write has no reply)
-        target = {servo: goal for servo, goal, _ in follower.goals[-6:]}
-        clock.now += 0.005  # 15 steps on the way
-        arm.hold()
-        arm.get_observation()  # the hold's goals have arrived (a sync write has no reply)
-        clock.now += 1.0  # time enough to reach the old target
-        present = follower.present()
-        for servo, goal, _ in follower.goals[-6:]:
-            assert goal == present[servo] != target[servo]  # held where it was, not at the commanded target
-            assert abs(present[servo] - start[servo]) <= 15 < abs(target[servo] - start[servo])
-        before = len(follower.torque_writes)
-        arm.disconnect()  # torque writes are answered: all have arrived when it returns
-        assert follower.torque_writes[before:] == [(6, 0), (5, 0), (4, 0), (3, 0), (2, 0), (1, 0)]
-
-
-class ManualClock:
-    """Seconds that pass only when a test says so."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+    follower = still_follower
+    arm = _arm(
+        tmp_path,
+        port=str(follower.link),
+        torque_off_order=("gripper", "wrist_roll", "wrist_flex", "elbow_flex", "shoulder_lift", "shoulder_pan"),
+    )
+    arm.connect()
+    arm.reset(0)
+    start = follower.present()
+    arm.send_action({ACTION: np.full(6, 9.0, np.float32)})
+    arm.get_observation()  # the goals have arrived (a sync write has no reply)
+    target = {servo: goal for servo, goal, _ in follower.goals[-6:]}
+    follower.clock.now += 0.005  # 15 steps on the way
+    arm.hold()
+    arm.get_observation()  # the hold's goals have arrived (a sync write has no reply)
+    follower.clock.now += 1.0  # time enough to reach the old target
+    present = follower.present()
+    for servo, goal, _ in follower.goals[-6:]:
+        assert goal == present[servo] != target[servo]  # held where it was, not at the commanded target
+        assert abs(present[servo] - start[servo]) <= 15 < abs(target[servo] - start[servo])
+    before = len(follower.torque_writes)
+    arm.disconnect()  # torque writes are answered: all have arrived when it returns
+    assert follower.torque_writes[before:] == [(6, 0), (5, 0), (4, 0), (3, 0), (2, 0), (1, 0)]
 
 
 def test_a_pulled_cable_is_a_fault_until_the_port_returns(bench):
