@@ -5,9 +5,9 @@ scene part i: non-IID, as `fedbot sim --split-scenes` records them) is trained t
 same recipe (the preset's) and the same compute:
 
 - local: each robot alone on its own episodes, for its local steps summed over the rounds;
-- federated: the project's ServerApp and ClientApp on Flower's simulation engine (`--strategies`:
-  FedAvg and any of FedProx, FedAdam; `--dp-noise`: with client-level differential privacy),
-  `--rounds` rounds of `--local-steps` per robot;
+- federated: the project's ServerApp and ClientApp on Flower's simulation engine, `--rounds` rounds
+  of `--local-steps` per robot (`--strategies`: FedAvg and any of FedAvgM, FedProx, FedAdam, with
+  `--server-lr`/`--server-momentum`; `--dp-noise`: with client-level differential privacy);
 - centralized: the pooled episodes (lerobot's aggregate_datasets), as many gradient samples as the
   federation (robots x rounds x local steps, same batch size).
 
@@ -22,7 +22,8 @@ learning curves next to the results file (.png).
 
     .venv/bin/python bench/bench_fleet_learning.py [--robots 4] [--episodes 25] [--rounds 20]
         [--local-steps 500] [--budgets 5 10 20] [--eval 100] [--seeds 0 1] [--arms local federated centralized]
-        [--strategies fedavg] [--dp-noise Z --dp-clip C] [--upto ROUNDS] [--work DIR] [--results FILE]
+        [--strategies fedavg] [--server-lr LR --server-momentum M] [--dp-noise Z --dp-clip C]
+        [--upto ROUNDS] [--work DIR] [--results FILE]
 """
 
 from __future__ import annotations
@@ -144,7 +145,11 @@ def train_alone(
 def federate(args, results: Results, data: Path, work: Path, strategy: str, seed: int) -> None:
     """The real ServerApp and ClientApp on Flower's simulation engine; the run's saved global
     models are evaluated at each budget. A stopped run is continued by the coordinator's resume."""
-    arm = f"federated-{strategy}" + (f"-dp{args.dp_noise:g}-clip{args.dp_clip:g}" if args.dp_noise > 0 else "")
+    arm = f"federated-{strategy}"
+    if args.server_lr > 0 or args.server_momentum > 0:
+        arm += f"-lr{args.server_lr:g}-momentum{args.server_momentum:g}"
+    if args.dp_noise > 0:
+        arm += f"-dp{args.dp_noise:g}-clip{args.dp_clip:g}"
     if all(results.has(arm=arm, seed=seed, budget_rounds=b, robot=None, scenes="all") for b in args.budgets):
         return
     out = work / f"{arm}-seed{seed}"
@@ -156,6 +161,8 @@ def federate(args, results: Results, data: Path, work: Path, strategy: str, seed
         fraction_evaluate=0.0,
         eval_episodes=0,
         strategy=strategy,
+        server_lr=args.server_lr,
+        server_momentum=args.server_momentum,
         dp_noise_multiplier=args.dp_noise,
         dp_clipping_norm=args.dp_clip,
         seed=seed,
@@ -280,6 +287,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
     parser.add_argument("--arms", nargs="+", default=["local", "federated", "centralized"])
     parser.add_argument("--strategies", nargs="+", default=["fedavg"])
+    parser.add_argument("--server-lr", type=float, default=0.0, help="fedavgm, fedadam; 0: the strategy's default")
+    parser.add_argument("--server-momentum", type=float, default=0.0, help="fedavgm")
     parser.add_argument("--dp-noise", type=float, default=0.0, help="federated arms with differential privacy")
     parser.add_argument("--dp-clip", type=float, default=1.0, help="the L2 norm robots clip their updates to")
     parser.add_argument("--preset", default="pusht-state")

@@ -34,6 +34,7 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedProx,
     Strategy,
 )
@@ -270,8 +271,11 @@ def make_strategy(run: RunConfig) -> Strategy:
     )
     if run.strategy == "fedprox":
         strategy = FedProx(**common, proximal_mu=run.proximal_mu)
+    elif run.strategy == "fedavgm":
+        strategy = FedAvgM(**common, server_learning_rate=run.server_learning_rate, server_momentum=run.server_momentum)
     elif run.strategy == "fedadam":
-        strategy = FedAdam(**common, eta=run.server_lr, eta_l=run.lr or get_preset(run.preset).config["optimizer_lr"])
+        eta_l = run.lr or get_preset(run.preset).config["optimizer_lr"]
+        strategy = FedAdam(**common, eta=run.server_learning_rate, eta_l=eta_l)
     else:
         strategy = FedAvg(**common)
     if run.dp_noise_multiplier <= 0.0:
@@ -284,11 +288,14 @@ def make_strategy(run: RunConfig) -> Strategy:
 
 
 def strategy_state(strategy: Strategy) -> dict:
-    """Server-optimizer state that a resumed run needs (FedAdam's moments); empty for FedAvg/FedProx."""
+    """Server-optimizer state that a resumed run needs (FedAdam's moments, FedAvgM's momentum, a list
+    in the model's array order); empty for FedAvg/FedProx."""
     state, strategy = {}, base_strategy(strategy)
     for name in ("m_t", "v_t"):
         for key, value in (getattr(strategy, name, None) or {}).items():
             state[f"{name}/{key}"] = value
+    for index, value in enumerate(getattr(strategy, "momentum_vector", None) or []):
+        state[f"momentum_vector/{index:06d}"] = value
     return state
 
 
@@ -299,6 +306,10 @@ def restore_strategy_state(strategy: Strategy, state: dict) -> None:
         if moments:
             setattr(strategy, name, moments)
             log.info("restored %s of %s (%d arrays)", name, type(strategy).__name__, len(moments))
+    momentum = [value for key, value in sorted(state.items()) if key.startswith("momentum_vector/")]
+    if momentum:
+        strategy.momentum_vector = momentum
+        log.info("restored momentum_vector of %s (%d arrays)", type(strategy).__name__, len(momentum))
 
 
 # -- a round: train, evaluate, record -----------------------------------------------------------

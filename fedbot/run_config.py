@@ -8,7 +8,9 @@ from fedbot.presets import PRESETS
 from fedbot.transfer import WEIGHT_DTYPES
 from fedbot.typed_config import ConfigError, from_mapping
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam")
+# The server learning rate each server optimizer takes when the run config says 0.
+DEFAULT_SERVER_LR = {"fedavgm": 1.0, "fedadam": 0.01}
 SOURCE = "pyproject.toml [tool.flwr.app.config] or --run-config"
 
 
@@ -25,7 +27,8 @@ class RunConfig:
     lr: float = 0.0  # peak of the preset's warmup + cosine schedule, which spans the run's rounds; 0: the preset's
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
-    server_lr: float = 0.01
+    server_lr: float = 0.0  # fedavgm, fedadam; 0: DEFAULT_SERVER_LR
+    server_momentum: float = 0.0  # fedavgm
     dp_noise_multiplier: float = 0.0  # > 0: differential privacy, robots clip their updates, the coordinator adds noise
     dp_clipping_norm: float = 1.0  # the L2 norm every robot's update is clipped to (with dp-noise-multiplier > 0)
     preset: str = "pusht-state"
@@ -41,6 +44,11 @@ class RunConfig:
     signing_key: str = ""  # the coordinator's Ed25519 key for published models; "": <output-dir>/signing.key
     warm_start: bool = True  # start from the fleet's latest published model (same preset and features)
     min_new_episodes: int = 0  # train only if the robots recorded this many episodes since that model's run
+
+    @property
+    def server_learning_rate(self) -> float:
+        """The server optimizer's learning rate: the run config's, or the strategy's default."""
+        return self.server_lr or DEFAULT_SERVER_LR.get(self.strategy, 1.0)
 
     @property
     def total_steps(self) -> int:
@@ -79,6 +87,12 @@ class RunConfig:
         for key in ("round-timeout", "robot-wait-seconds"):
             if not 0.0 < getattr(self, key.replace("-", "_")) <= 7 * 24 * 3600:
                 raise bad(key, "must lie in (0, one week]")
+        if not 0.0 <= self.server_lr <= 100.0:
+            raise bad("server-lr", "must lie in [0, 100]")
+        if not 0.0 <= self.server_momentum < 1.0:
+            raise bad("server-momentum", "must lie in [0, 1)")
+        if not 0.0 <= self.proximal_mu <= 100.0:
+            raise bad("proximal-mu", "must lie in [0, 100]")
         for key in ("fraction-train", "fraction-evaluate"):
             if not 0.0 <= getattr(self, key.replace("-", "_")) <= 1.0:
                 raise bad(key, "must lie in [0, 1]")

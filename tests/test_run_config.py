@@ -6,9 +6,12 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from flwr.common.config import parse_config_args
+from safetensors.numpy import load_file, save_file
 
+from coordinator.server_app import make_strategy, restore_strategy_state, strategy_state
 from fedbot.policy_io import load_policy
 from fedbot.presets import get_preset
 from fedbot.run_config import RunConfig
@@ -38,6 +41,8 @@ def test_a_run_config_written_from_the_class_reads_back_the_same_through_flower(
         ("lr", -1.0, "key 'lr' must be >= 0"),
         ("eval-episodes", -1, "key 'eval-episodes' must be >= 0"),
         ("batch-size", "64", "key 'batch-size' must be int"),
+        ("server-momentum", 1.0, "key 'server-momentum' must lie in"),
+        ("server-lr", -0.1, "key 'server-lr' must lie in"),
         ("no-such-key", 1, "unknown key 'no-such-key'"),
     ],
 )
@@ -62,3 +67,15 @@ def test_a_robot_joining_late_trains_on_the_runs_schedule(untrained_policy):
     assert late.optimizer.param_groups[0]["lr"] == pytest.approx(rates[300], rel=1e-9)
     assert rates[0] < rates[300] and rates[300] != rates[0]  # it is a schedule, not a constant
     assert max(rates) == pytest.approx(get_preset(run.preset).config["optimizer_lr"])  # lr 0: the preset's peak
+
+
+def test_fedavgm_takes_the_run_configs_server_optimizer_and_a_resumed_run_its_momentum(tmp_path):
+    run = RunConfig(strategy="fedavgm", server_momentum=0.9)
+    strategy = make_strategy(run)
+    assert (strategy.server_learning_rate, strategy.server_momentum) == (1.0, 0.9)  # server-lr 0: FedAvgM's own
+    assert make_strategy(RunConfig(strategy="fedadam")).eta == 0.01
+    strategy.momentum_vector = [np.full(3, i, np.float32) for i in range(12)]  # more than 10: order by index
+    save_file(strategy_state(strategy), str(tmp_path / "state.safetensors"))  # as the run directory keeps it
+    resumed = make_strategy(run)
+    restore_strategy_state(resumed, load_file(str(tmp_path / "state.safetensors")))
+    assert [v[0] for v in resumed.momentum_vector] == list(range(12))
