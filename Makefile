@@ -15,7 +15,7 @@ sim: setup
 # Tests run in TEST_WORKERS processes (pytest-xdist): many wait on Flower processes, not the CPU.
 TEST_WORKERS ?= 3
 test: setup lint
-	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist worksteal --durations=12 $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
