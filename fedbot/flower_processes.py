@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from fedbot.process_group import stop_with_sessions_below
+
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flower-superexec and flwr beside python
 PROJECT = Path(__file__).resolve().parents[1]  # this checkout: the Flower app (pyproject [tool.flwr.app])
 
@@ -96,8 +98,9 @@ def simulation_superlink(home: Path) -> Iterator[dict[str, str]]:
         wait_for_port(port, process)
         yield env
     finally:
-        os.killpg(process.pid, 15)
-        process.wait(timeout=60)
+        # Flower's simulation and Ray's processes run in sessions of their own: a SuperLink stopped
+        # mid-run would leave them training (a paused fleet bench's robots trained on for an hour).
+        stop_with_sessions_below(process, timeout=60)
 
 
 def simulation_run(run_config: str, robots: int, cpus_per_robot: int) -> list[str]:

@@ -59,6 +59,35 @@ def stop_group(process: GroupLeader, timeout: float) -> None:
     process.output_copier.join(timeout=timeout)  # the pipe closes with the last process of the group
 
 
+def stop_with_sessions_below(process: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM to the group `process` leads, then SIGKILL to the groups of every process that was
+    below it in groups of their own."""
+    below = groups_below(process.pid)
+    signal_group(process.pid, signal.SIGTERM)
+    process.wait(timeout=timeout)
+    for group in below:
+        signal_group(group, signal.SIGKILL)
+
+
+def groups_below(pid: int) -> set[int]:
+    """The process groups of every process below `pid` now, other than `pid`'s own group. A process
+    that made a session of its own (Flower's simulation, Ray's workers) is not reached by signalling
+    its ancestor's group, and outlives it. (From /proc: psutil is no dependency of fedbot.)"""
+    children: dict[int, list[tuple[int, int]]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(name)": state, ppid, pgrp, ...
+        except OSError:  # gone meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append((int(stat.parent.name), int(fields[2])))
+    groups, below = set(), [pid]
+    while below:
+        for child, group in children.get(below.pop(), []):
+            groups.add(group)
+            below.append(child)
+    return groups - {pid}
+
+
 def signal_group(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)

@@ -1,0 +1,34 @@
+"""Stopping a service's process tree: what was started below it in sessions of its own (Flower's
+simulation, Ray's workers) goes with it."""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+
+from fedbot.process_group import groups_below, stop_with_sessions_below
+
+SPAWNER = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_stopped_leader_takes_the_sessions_started_below_it():
+    leader = subprocess.Popen(
+        [sys.executable, "-c", SPAWNER], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    session = int(leader.stdout.readline())  # its own session: signalling the leader's group misses it
+    exited = os.pidfd_open(session)  # readable once the process has ended
+    try:
+        assert groups_below(leader.pid) == {session}
+        stop_with_sessions_below(leader, timeout=30)
+        assert leader.returncode is not None
+        assert select.select([exited], [], [], 30)[0] == [exited]
+    finally:
+        os.close(exited)
+        leader.stdout.close()
