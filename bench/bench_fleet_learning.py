@@ -5,7 +5,8 @@ scene part i: non-IID, as `fedbot sim --split-scenes` records them) is trained t
 same recipe (the preset's) and the same compute:
 
 - local: each robot alone on its own episodes, for its local steps summed over the rounds;
-- federated: the project's ServerApp and ClientApp on Flower's simulation engine, `--rounds` rounds
+- federated: the project's ServerApp and ClientApp on Flower's simulation engine (`--engine
+  deployment`: a localhost SuperLink and one SuperNode per robot), `--rounds` rounds
   of `--local-steps` per robot (`--strategies`: FedAvg and any of FedAvgM, FedProx, FedAdam, with
   `--server-lr`/`--server-momentum`; `--dp-noise`: with client-level differential privacy);
 - centralized: the pooled episodes (lerobot's aggregate_datasets), as many gradient samples as the
@@ -13,7 +14,9 @@ same recipe (the preset's) and the same compute:
 
 Every model at each budget of `--budgets` (in rounds) is evaluated on `--eval` held-out seeds
 (>= 100000, the whole scene distribution); local models also on their own robot's scene part.
-`bench/results/fleet_learning.jsonl` holds the points measured so far (BENCHMARKS.md).
+`bench/results/fleet_learning.jsonl` holds the points measured so far (BENCHMARKS.md). A deployment
+point whose simulated twin is in the same `--work` records the largest difference between the two
+engines' global weights.
 Each finished point is appended to `--results` (default `<work>/results.jsonl`) and a run is
 resumed from its last checkpoint, so the bench can be stopped and started again with the same
 arguments; `--upto R` pauses every arm after R rounds (the schedules still span `--rounds`), so the
@@ -23,7 +26,7 @@ learning curves next to the results file (.png).
     .venv/bin/python bench/bench_fleet_learning.py [--robots 4] [--episodes 25] [--rounds 20]
         [--local-steps 500] [--budgets 5 10 20] [--eval 100] [--seeds 0 1] [--arms local federated centralized]
         [--strategies fedavg] [--server-lr LR --server-momentum M] [--dp-noise Z --dp-clip C]
-        [--upto ROUNDS] [--work DIR] [--results FILE]
+        [--engine simulation] [--upto ROUNDS] [--work DIR] [--results FILE]
 """
 
 from __future__ import annotations
@@ -41,8 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
-from bench.common import fleet_datasets, machine, pooled_dataset, wilson  # noqa: E402
+from bench.common import fleet_datasets, localhost_deployment, machine, pooled_dataset, wilson  # noqa: E402
 from fedbot.evaluation import evaluate  # noqa: E402
 from fedbot.flower_processes import simulation_run, simulation_superlink  # noqa: E402
 from fedbot.policy_io import load_policy  # noqa: E402
@@ -142,17 +146,19 @@ def train_alone(
         pass
 
 
-def federate(args, results: Results, data: Path, work: Path, strategy: str, seed: int) -> None:
-    """The real ServerApp and ClientApp on Flower's simulation engine; the run's saved global
-    models are evaluated at each budget. A stopped run is continued by the coordinator's resume."""
+def federate(args, results: Results, robots: list[Path], work: Path, strategy: str, seed: int) -> None:
+    """The real ServerApp and ClientApp on Flower's simulation engine (or `--engine deployment`: a
+    localhost SuperLink and one SuperNode per robot); the run's saved global models are evaluated at
+    each budget. A stopped run is continued by the coordinator's resume."""
     arm = f"federated-{strategy}"
     if args.server_lr > 0 or args.server_momentum > 0:
         arm += f"-lr{args.server_lr:g}-momentum{args.server_momentum:g}"
     if args.dp_noise > 0:
         arm += f"-dp{args.dp_noise:g}-clip{args.dp_clip:g}"
+    if args.engine == "deployment":
+        arm += "-deployment"
     if all(results.has(arm=arm, seed=seed, budget_rounds=b, robot=None, scenes="all") for b in args.budgets):
         return
-    out = work / f"{arm}-seed{seed}"
     run = replace(
         RunConfig(),
         num_server_rounds=max(args.rounds, *args.budgets),
@@ -167,30 +173,40 @@ def federate(args, results: Results, data: Path, work: Path, strategy: str, seed
         dp_clipping_norm=args.dp_clip,
         seed=seed,
         preset=args.preset,
-        sim_data_dir=str(data),
-        output_dir=str(out),
         round_timeout=7200.0,
     )
     started = time.monotonic()
     log = work / f"{arm}-seed{seed}.log"
-    if rounds_done(out) < min(args.upto, run.num_server_rounds):
-        with simulation_superlink(work / "superlink") as env, open(log, "a") as log_file:
-            flwr_run = subprocess.Popen(
-                simulation_run(changed_keys(run), args.robots, cpus_per_robot=2),
-                env=env,
-                stdout=log_file,
-                stderr=log_file,
-            )
-            # leaving the block stops the SuperLink, and with it a run paused at --upto
-            while flwr_run.poll() is None and rounds_done(out) < args.upto:
-                time.sleep(10)
-            flwr_run.kill()
+    if args.engine == "deployment":
+        deployment = work / f"{arm}-seed{seed}"
+        out = deployment / "outputs"
+        if rounds_done(out) < min(args.upto, run.num_server_rounds):
+            with localhost_deployment(deployment, robots, changed_keys(run)) as (coordinator, _):
+                while coordinator.poll() is None and rounds_done(out) < args.upto:
+                    time.sleep(10)
+    else:
+        out = work / f"{arm}-seed{seed}"
+        run = replace(run, sim_data_dir=str(robots[0].parent), output_dir=str(out))
+        if rounds_done(out) < min(args.upto, run.num_server_rounds):
+            with simulation_superlink(work / "superlink") as env, open(log, "a") as log_file:
+                flwr_run = subprocess.Popen(
+                    simulation_run(changed_keys(run), args.robots, cpus_per_robot=2),
+                    env=env,
+                    stdout=log_file,
+                    stderr=log_file,
+                )
+                # leaving the block stops the SuperLink, and with it a run paused at --upto
+                while flwr_run.poll() is None and rounds_done(out) < args.upto:
+                    time.sleep(10)
+                flwr_run.kill()
     run_dir = latest_run(out)
     if run_dir is None or rounds_done(out) < min(args.upto, run.num_server_rounds):
-        raise RuntimeError(f"the federated run stopped early; see {log}")
+        raise RuntimeError(f"the federated run stopped early; see {log} or {work / f'{arm}-seed{seed}'}")
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    simulated = latest_run(work / f"{arm.removesuffix('-deployment')}-seed{seed}")
     for budget in (b for b in args.budgets if b <= rounds_done(out)):
         wall = sum(r["seconds"] for r in rounds if r["round"] <= budget)
+        model = run_dir / "global_model" / f"round_{budget}"
         key = dict(
             arm=arm,
             seed=seed,
@@ -200,7 +216,20 @@ def federate(args, results: Results, data: Path, work: Path, strategy: str, seed
             train_wall_s=wall,
             this_process_wall_s=time.monotonic() - started,
         )
-        evaluate_point(results, run_dir / "global_model" / f"round_{budget}", args.eval, (0, 1), scenes="all", **key)
+        if args.engine == "deployment" and simulated is not None:
+            key["max_weight_difference_from_simulation"] = weight_difference(
+                simulated / "global_model" / f"round_{budget}", model
+            )
+        evaluate_point(results, model, args.eval, (0, 1), scenes="all", **key)
+
+
+def weight_difference(a: Path, b: Path) -> float:
+    """The largest absolute difference between the weights of two saved policies (the engine
+    cross-check: the same run on Flower's simulation engine and on a localhost deployment)."""
+    first, second = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    if first.keys() != second.keys():
+        raise ValueError(f"{a} and {b} hold different tensors")
+    return max((first[name].double() - second[name].double()).abs().max().item() for name in first)
 
 
 def latest_run(out: Path) -> Path | None:
@@ -291,6 +320,12 @@ def main() -> None:
     parser.add_argument("--server-momentum", type=float, default=0.0, help="fedavgm")
     parser.add_argument("--dp-noise", type=float, default=0.0, help="federated arms with differential privacy")
     parser.add_argument("--dp-clip", type=float, default=1.0, help="the L2 norm robots clip their updates to")
+    parser.add_argument(
+        "--engine",
+        choices=("simulation", "deployment"),
+        default="simulation",
+        help="federated arms: Flower's simulation engine, or a localhost SuperLink and SuperNodes",
+    )
     parser.add_argument("--preset", default="pusht-state")
     parser.add_argument("--upto", type=int, default=None, help="pause every arm after this many rounds")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "fedbot-fleet-learning")
@@ -306,7 +341,7 @@ def main() -> None:
     for seed in args.seeds:
         if "federated" in args.arms:
             for strategy in args.strategies:
-                federate(args, results, data, args.work, strategy, seed)
+                federate(args, results, robots, args.work, strategy, seed)
         if "local" in args.arms:
             for i, dataset in enumerate(robots):
                 train_alone(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import platform
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 from lerobot.datasets.aggregate import aggregate_datasets
@@ -15,6 +17,7 @@ from lerobot.datasets.aggregate import aggregate_datasets
 from agent.supernode import SuperNodeSettings
 from fedbot.flower_processes import BIN, free_port
 from fedbot.presets import Preset, get_preset
+from fedbot.process_group import stop_with_sessions_below
 from fedbot.recording import dataset_features, record_session
 from fedbot.session_plan import SessionPlan
 from hardware.pusht_expert import STYLES, PushTExpert, PushTExpertConfig
@@ -110,11 +113,13 @@ def pooled_dataset(root: Path, datasets: list[Path]) -> Path:
     return root
 
 
-def run_federation(work: Path, datasets: list[Path], run_config: str) -> list[dict]:
-    """A real localhost deployment: `fedbot-coordinator` (its SuperLink) and one SuperNode per dataset,
-    started as the agent starts them. Returns the run's metrics.jsonl rows."""
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+@contextlib.contextmanager
+def localhost_deployment(work: Path, datasets: list[Path], run_config: str) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """A real localhost deployment: `fedbot-coordinator run` (its SuperLink, state in <work>/coordinator,
+    runs in <work>/outputs) and SuperNode robot<i> on datasets[i], started as the agent starts them.
+    Yields the coordinator's process and its output directory; leaving stops every process. The same
+    `work` again resumes the coordinator's unfinished run."""
+    work.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     coordinator = subprocess.Popen(
@@ -130,7 +135,7 @@ def run_federation(work: Path, datasets: list[Path], run_config: str) -> list[di
             "--run-config",
             run_config,
         ],
-        stdout=open(work / "coordinator.log", "w"),
+        stdout=open(work / "coordinator.log", "a"),
         stderr=subprocess.STDOUT,
         env=env,
         start_new_session=True,
@@ -148,22 +153,26 @@ def run_federation(work: Path, datasets: list[Path], run_config: str) -> list[di
         robots.append(
             subprocess.Popen(
                 settings.command(),
-                stdout=open(work / f"robot{i}.log", "w"),
+                stdout=open(work / f"robot{i}.log", "a"),
                 stderr=subprocess.STDOUT,
                 env={**env, **settings.environment(work / f"robot{i}")},
                 start_new_session=True,
             )
         )
     try:
-        if coordinator.wait(timeout=3600) != 0:
-            raise RuntimeError(f"the coordinator failed; see {work / 'coordinator.log'}")
+        yield coordinator, work / "outputs"
     finally:
         for process in [coordinator, *robots]:
-            try:
-                os.killpg(process.pid, 15)
-            except ProcessLookupError:
-                pass
-    (run_dir,) = [path for path in (work / "outputs").iterdir() if path.is_dir()]  # beside it: the signing key
+            stop_with_sessions_below(process, timeout=60)
+
+
+def run_federation(work: Path, datasets: list[Path], run_config: str) -> list[dict]:
+    """A new localhost deployment's run to its end (`localhost_deployment`); its metrics.jsonl rows."""
+    shutil.rmtree(work, ignore_errors=True)
+    with localhost_deployment(work, datasets, run_config) as (coordinator, outputs):
+        if coordinator.wait(timeout=3600) != 0:
+            raise RuntimeError(f"the coordinator failed; see {work / 'coordinator.log'}")
+    (run_dir,) = [path for path in outputs.iterdir() if path.is_dir()]  # beside it: the signing key
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
