@@ -55,6 +55,8 @@ from fedbot.run_config import RunConfig  # noqa: E402
 from fedbot.training import PRETRAINED_MODEL_DIR, last_checkpoint, train  # noqa: E402
 from fedbot.typed_config import changed_keys  # noqa: E402
 
+DEFAULT_LOCAL_STEPS = 500  # federated arms with other local steps per round are named for them
+
 
 class Results:
     """results.jsonl: one line per evaluated point, keyed by (arm, seed, budget, robot, scenes)."""
@@ -155,6 +157,8 @@ def federate(args, results: Results, robots: list[Path], work: Path, strategy: s
         arm += f"-lr{args.server_lr:g}-momentum{args.server_momentum:g}"
     if args.dp_noise > 0:
         arm += f"-dp{args.dp_noise:g}-clip{args.dp_clip:g}"
+    if args.local_steps != DEFAULT_LOCAL_STEPS:
+        arm += f"-steps{args.local_steps}"
     if args.engine == "deployment":
         arm += "-deployment"
     if all(results.has(arm=arm, seed=seed, budget_rounds=b, robot=None, scenes="all") for b in args.budgets):
@@ -257,19 +261,20 @@ def print_table(results: Results, args) -> None:
         title=f"fleet learning: {args.robots} robots x {args.episodes} demonstrations, non-IID scenes, "
         f"{args.eval} held-out seeds per point; {machine()}"
     )
-    for column in ("arm", "budget (rounds)", "samples", "seeds", "success (95% CI)", "mean max coverage", "train wall"):
+    columns = ("arm", "steps per robot", "samples", "seeds", "success (95% CI)", "mean max coverage", "train wall")
+    for column in columns:
         table.add_column(column, justify="left" if column == "arm" else "right")
     groups: dict[tuple, list[dict]] = {}
     for row in results.rows:
         arm = row["arm"] if row["robot"] is None else f"local ({row['scenes']} scenes)"
-        groups.setdefault((arm, row["budget_rounds"]), []).append(row)
-    for (arm, budget), rows in sorted(groups.items()):
+        groups.setdefault((arm, steps_per_robot(row, args)), []).append(row)
+    for (arm, steps), rows in sorted(groups.items()):
         successes, episodes = sum(r["successes"] for r in rows), sum(r["episodes"] for r in rows)
         low, high = wilson(successes, episodes)
         coverage = sum(r["mean_max_coverage"] for r in rows) / len(rows)
         table.add_row(
             arm,
-            str(budget),
+            f"{steps:,}",
             f"{rows[0]['samples']:,}",
             str(len({r["seed"] for r in rows})),
             f"{successes / episodes:.0%} ({low:.0%}-{high:.0%})",
@@ -279,7 +284,13 @@ def print_table(results: Results, args) -> None:
     Console(width=160).print(table)
 
 
-def plot(results: Results, path: Path) -> None:
+def steps_per_robot(row: dict, args) -> int:
+    """A point's compute per robot, in local steps: its budget in rounds x the local steps per round
+    of the run behind it (robots share a federation's and a pooled run's samples)."""
+    return row["samples"] // get_preset(args.preset).batch_size // (args.robots if row["robot"] is None else 1)
+
+
+def plot(results: Results, args, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -289,17 +300,17 @@ def plot(results: Results, path: Path) -> None:
     arms = sorted({(r["arm"], r["scenes"]) for r in results.rows})
     for arm, scenes in arms:
         rows = [r for r in results.rows if r["arm"] == arm and r["scenes"] == scenes]
-        budgets = sorted({r["budget_rounds"] for r in rows})
+        budgets = sorted({steps_per_robot(r, args) for r in rows})
         label = arm if arm != "local" else f"local, {scenes} scenes (mean of robots)"
         for axis, field in ((success_axis, "success_rate"), (coverage_axis, "mean_max_coverage")):
             means = [
-                sum(r[field] for r in rows if r["budget_rounds"] == b)
-                / len([r for r in rows if r["budget_rounds"] == b])
+                sum(r[field] for r in rows if steps_per_robot(r, args) == b)
+                / len([r for r in rows if steps_per_robot(r, args) == b])
                 for b in budgets
             ]
             axis.plot(budgets, means, marker="o", label=label)
-    success_axis.set(xlabel="budget (rounds x local steps per robot)", ylabel="success rate", ylim=(0, 1))
-    coverage_axis.set(xlabel="budget (rounds x local steps per robot)", ylabel="mean max coverage", ylim=(0, 1))
+    success_axis.set(xlabel="compute per robot (local steps)", ylabel="success rate", ylim=(0, 1))
+    coverage_axis.set(xlabel="compute per robot (local steps)", ylabel="mean max coverage", ylim=(0, 1))
     success_axis.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -310,7 +321,7 @@ def main() -> None:
     parser.add_argument("--robots", type=int, default=4)
     parser.add_argument("--episodes", type=int, default=25, help="demonstrations per robot")
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--local-steps", type=int, default=500)
+    parser.add_argument("--local-steps", type=int, default=DEFAULT_LOCAL_STEPS)
     parser.add_argument("--budgets", type=int, nargs="+", default=[5, 10, 20], help="evaluated budgets, in rounds")
     parser.add_argument("--eval", type=int, default=100, help="held-out seeds per point")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
@@ -366,7 +377,7 @@ def main() -> None:
                 robot=None,
             )
     print_table(results, args)
-    plot(results, results.path.with_suffix(".png"))
+    plot(results, args, results.path.with_suffix(".png"))
 
 
 if __name__ == "__main__":
