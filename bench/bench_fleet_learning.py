@@ -132,6 +132,10 @@ def train_alone(
     last = last_checkpoint(out)
     if last is not None and int(last.name) >= pause_at:
         return
+    scenes = ("all", "own") if robot is not None else ("all",)
+    due = [dict(arm=arm, seed=seed, budget_rounds=b, robot=robot, scenes=s) for b in args.budgets for s in scenes]
+    if all(results.has(**key) for key in due if key["budget_rounds"] <= args.upto):
+        return  # measured in an earlier work directory
     try:
         train(
             dataset,
