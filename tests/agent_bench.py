@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import configparser
 import errno
+import json
 import os
 import re
 import select
@@ -16,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from agent.config import AgentConfig, ControlSection, CoordinatorSection, IdleSection
+from fedbot.control_client import request
 from fedbot.flower_processes import BIN, free_port
 from fedbot.typed_config import write_toml
 
@@ -23,6 +25,15 @@ from helpers import public_key_line
 from processes import Followed
 
 UNIT = Path(__file__).resolve().parents[1] / "deploy" / "systemd" / "fedbot-agent.service"
+
+
+def status_until(sock: Path, condition, timeout: float = 30.0) -> dict:
+    """The agent's status once `condition(status)` holds (fails after `timeout` seconds)."""
+    deadline = time.monotonic() + timeout
+    while not condition(status := request(sock, "status")):
+        assert time.monotonic() < deadline, f"the status never got there: {json.dumps(status)[:2000]}"
+        select.select([], [], [], 0.1)  # the next supervision pass or control ticks
+    return status
 
 
 def timeout_stop_sec() -> float:

@@ -6,8 +6,6 @@ With no model to roll back to, the failing model stays live, the robot holds and
 from __future__ import annotations
 
 import json
-import select
-import time
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -15,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from fedbot.control_client import request
 from fedbot.policy_io import POST_STATE
 
-from agent_bench import start_agent, stop, write_config
+from agent_bench import start_agent, status_until, stop, write_config
 from helpers import deliver_model
 from processes import NotifySocket
 
@@ -35,15 +33,6 @@ def _actions_overflow(directory):
     stats["action.min"] = torch.full_like(stats["action.min"], -3e38)
     stats["action.max"] = torch.full_like(stats["action.max"], 3e38)
     save_file(stats, directory / POST_STATE)
-
-
-def status_until(sock, condition, timeout: float = 30.0) -> dict:
-    """The agent's status once `condition(status)` holds (fails after `timeout` seconds)."""
-    deadline = time.monotonic() + timeout
-    while not condition(status := request(sock, "status")):
-        assert time.monotonic() < deadline, f"the status never got there: {json.dumps(status)[:2000]}"
-        select.select([], [], [], 0.1)  # the next supervision pass
-    return status
 
 
 def test_a_model_with_out_of_range_actions_is_rolled_back_automatically_and_refused_again(

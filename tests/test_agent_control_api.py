@@ -10,7 +10,6 @@ import json
 import random
 import re
 import resource
-import select
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,7 @@ from agent.control_requests import MAX_EPISODES, MAX_SEED, MAX_TASK
 from fedbot.control_client import request
 from fedbot.recording import EVAL_SEED_START
 
-from agent_bench import start_agent, stop, write_config
+from agent_bench import start_agent, status_until, stop, write_config
 from helpers import deliver_model
 from processes import NotifySocket
 
@@ -47,11 +46,7 @@ def exchange(path: Path, data: bytes, finish: bool = True) -> dict:
 
 def acting(path: Path, more_than: int, timeout: float = 60.0) -> int:
     """Until the agent's control loop has sent more than `more_than` actions to the robot; returns the count."""
-    deadline = time.monotonic() + timeout
-    while (actions := request(path, "status")["control"]["actions"]) <= more_than:
-        assert time.monotonic() < deadline, f"the robot got no action beyond {more_than} within {timeout} s"
-        select.select([], [], [], 0.1)  # the next ticks
-    return actions
+    return status_until(path, lambda status: status["control"]["actions"] > more_than, timeout)["control"]["actions"]
 
 
 def disconnected(client: socket.socket) -> bool:

@@ -21,7 +21,7 @@ from fedbot.process_group import signal_group
 from hardware.cameras import CameraSettings
 from hardware.feetech_emulator import EmulatedBus
 
-from agent_bench import bind, fill, set_read_only, start_agent, stop, tmpfs, write_config
+from agent_bench import bind, fill, set_read_only, start_agent, status_until, stop, tmpfs, write_config
 from arm_bench import CAMERA, waving_hand, write_calibration, write_video
 from helpers import deliver_model
 from processes import NotifySocket
@@ -75,9 +75,9 @@ def test_model_updates_on_a_full_then_read_only_disk_are_a_fault_the_agent_recov
             assert before["live-model"]["name"] == before["control"]["model"] == "round_0001-a"
             assert (disk / "inbox" / "round_0002-b").is_dir()  # kept in the inbox for the next try
             watchdog_fed_after_now(notify)  # the agent is not restarted for this
-            during = request(sock, "status")
-            assert during["control"]["actions"] > before["control"]["actions"]  # still controlling
-            assert during["control"]["mode"] == "run"
+            acted = before["control"]["actions"]
+            during = status_until(sock, lambda status: status["control"]["actions"] > acted, timeout=60)
+            assert during["control"]["mode"] == "run"  # still controlling, the fault notwithstanding
 
             # Space is back: the worker's next try puts the model live, and the fault clears.
             filler.unlink()
