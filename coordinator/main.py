@@ -37,8 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.credentials import make_server_certificate
-from coordinator.fleet_status import fleet_status, print_status
-from coordinator.registry import prune_runs
 from coordinator.superlink import CONNECTION, SuperLink, SuperLinkSettings
 from fedbot.atomic_files import write_bytes_atomic
 from fedbot.flower_processes import BIN, PROJECT
@@ -151,6 +149,8 @@ def serve(
             last_start = time.monotonic()
             status = run_to_end(superlink, app, [*run_config, *overrides], register, restarts)
             notify_status(f"last run: {status}; {joinable}")
+            from coordinator.registry import prune_runs  # lerobot and torch: see main's `status`
+
             if deleted := prune_runs(schedule.output_dir, schedule.keep_runs):
                 log.info("deleted %d old runs (--keep-runs %d): %s", len(deleted), schedule.keep_runs, deleted)
     except Stopped as why:
@@ -307,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"SuperLink certificate: {make_server_certificate(args.out, args.host)}")
             return 0
         if args.command == "status":
+            # Reading runs imports lerobot and torch (~6 s on 2 cores): only the commands that read
+            # them pay for it, so a `run` with settings that cannot work is refused at once.
+            from coordinator.fleet_status import fleet_status, print_status
+
             fleet = fleet_status(args.output_dir)
             if args.json:
                 print(json.dumps(fleet, indent=2))
