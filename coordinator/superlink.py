@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import socket
 import subprocess
 import time
@@ -26,13 +28,14 @@ from pathlib import Path
 from coordinator.credentials import CA_CERT, SERVER_CERT, SERVER_KEY
 from coordinator.fleet_gateway import FleetGateway
 from fedbot.flower_processes import BIN, flower_environment, free_port
-from fedbot.process_group import start_group, stop_group
+from fedbot.process_group import processes_with, start_group, stop_group
 from fedbot.retention import LogRotation
 
 log = logging.getLogger("fedbot.coordinator")
 CONNECTION = "fedbot"
 ACTIVE_RUN_STATES = ("pending", "starting", "running")
 REGISTER_PARALLEL = 4  # flwr processes registering keys at once
+FLOWER_SERVICES = {"flower-superlink", "flower-superexec", "flwr-serverapp"}  # what a SuperLink runs
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,7 @@ class SuperLink:
 
     def start(self, ready_timeout: float = 120.0) -> None:
         settings = self.settings
+        self._stop_leftovers()
         self.superlink_port = free_port()
         settings.flwr_home.mkdir(parents=True, exist_ok=True)
         (settings.flwr_home / "config.toml").write_text(settings.connection_toml(self.superlink_port))
@@ -137,6 +141,16 @@ class SuperLink:
             self.process.pid,
             settings.state_dir / "superlink.log",
         )
+
+    def _stop_leftovers(self) -> None:
+        """SIGKILL to the Flower services of this state directory that a coordinator killed before
+        could not stop (its ServerApp outlives it); the run they served is resumed, not continued."""
+        for pid in processes_with("FLWR_HOME", str(self.settings.flwr_home), FLOWER_SERVICES):
+            log.warning("killing pid %d, a Flower process left by an earlier coordinator", pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def _wait_ready(self, timeout: float) -> None:
         """Until the SuperLink answers `flwr ls` (it accepts TCP before its APIs are served)."""

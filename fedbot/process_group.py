@@ -93,3 +93,21 @@ def signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except ProcessLookupError:
         pass
+
+
+def processes_with(variable: str, value: str, commands: set[str]) -> list[int]:
+    """The processes whose environment sets `variable` to `value` and whose program is one of
+    `commands` (the name of the executable or of the script an interpreter runs). A coordinator
+    SIGKILLed mid-run leaves its ServerApp behind: Flower's parent monitor sends it SIGINT, and it
+    waits on, holding its memory (Flower 1.42)."""
+    wanted = f"{variable}={value}".encode()
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")[:2]
+            environment = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if wanted in environment and any(os.path.basename(arg.decode(errors="replace")) in commands for arg in argv):
+            found.append(int(proc.name))
+    return found

@@ -19,7 +19,9 @@ import pytest
 
 from agent.supernode import ensure_auth_key
 from coordinator.credentials import make_server_certificate
+from coordinator.superlink import FLOWER_SERVICES
 from fedbot.flower_processes import PROJECT
+from fedbot.process_group import processes_with
 from fedbot.run_config import RunConfig
 
 from helpers import assert_replies_hold_no_data, record_wander
@@ -98,6 +100,8 @@ def test_production_run_survives_a_dead_robot_and_a_dead_coordinator(lab, tmp_pa
     )
     assert restarted.wait(timeout=900) == 0, restarted.text()[-3000:]
     assert not group_alive(int(up.group(1)))
+    # nor the ServerApp the killed coordinator's SuperLink had started (it outlived them both)
+    assert processes_with("FLWR_HOME", str(lab.state.resolve() / "flwr-home"), FLOWER_SERVICES) == []
     log = restarted.text()
     assert "continuing after round 1" in log and "restored m_t of FedAdam" in log
     assert "going on with 2 of 3 robots" in log and "not a whole row" in log

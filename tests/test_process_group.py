@@ -8,7 +8,7 @@ import select
 import subprocess
 import sys
 
-from fedbot.process_group import groups_below, stop_with_sessions_below
+from fedbot.process_group import groups_below, processes_with, stop_with_sessions_below
 
 SPAWNER = """
 import subprocess, sys, time
@@ -32,3 +32,24 @@ def test_a_stopped_leader_takes_the_sessions_started_below_it():
     finally:
         os.close(exited)
         leader.stdout.close()
+
+
+def test_leftover_services_are_found_by_their_environment_and_program(tmp_path):
+    service = tmp_path / "flwr-serverapp"  # a script of that name, as Flower's entry points are
+    service.write_text("import sys; sys.stdin.read()\n")
+    started = [
+        subprocess.Popen([sys.executable, str(script), *args], stdin=subprocess.PIPE, env={**os.environ, **env})
+        for script, args, env in (
+            (service, [], {"FLWR_HOME": str(tmp_path / "home")}),  # the leftover
+            (service, [], {"FLWR_HOME": str(tmp_path / "elsewhere")}),  # another coordinator's
+            (tmp_path / "flwr-serverapp", ["--flag"], {}),  # no FLWR_HOME
+        )
+    ]
+    try:
+        found = processes_with("FLWR_HOME", str(tmp_path / "home"), {"flwr-serverapp"})
+        assert found == [started[0].pid]
+        assert processes_with("FLWR_HOME", str(tmp_path / "home"), {"flower-superlink"}) == []
+    finally:
+        for process in started:
+            process.stdin.close()
+            process.wait(timeout=30)
