@@ -211,7 +211,8 @@ def federate(args, results: Results, robots: list[Path], work: Path, strategy: s
     if run_dir is None or rounds_done(out) < min(args.upto, run.num_server_rounds):
         raise RuntimeError(f"the federated run stopped early; see {log} or {work / f'{arm}-seed{seed}'}")
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    simulated = latest_run(work / f"{arm.removesuffix('-deployment')}-seed{seed}")
+    twin = work / f"{arm.removesuffix('-deployment')}-seed{seed}"
+    simulated = latest_run(twin) if args.engine == "deployment" else None
     for budget in (b for b in args.budgets if b <= rounds_done(out)):
         wall = sum(r["seconds"] for r in rounds if r["round"] <= budget)
         model = run_dir / "global_model" / f"round_{budget}"
@@ -224,7 +225,7 @@ def federate(args, results: Results, robots: list[Path], work: Path, strategy: s
             train_wall_s=wall,
             this_process_wall_s=time.monotonic() - started,
         )
-        if args.engine == "deployment" and simulated is not None:
+        if simulated is not None:
             key["max_weight_difference_from_simulation"] = weight_difference(
                 simulated / "global_model" / f"round_{budget}", model
             )

@@ -143,14 +143,14 @@ def serve(
         if schedule is None:
             status = run_to_end(superlink, app, run_config, register, restarts)
             return 0 if status == "finished:completed" else 1
+        from coordinator.registry import prune_runs  # lerobot and torch: see main's `status`
+
         last_start = None
         while True:
             overrides = schedule.wait(last_start)
             last_start = time.monotonic()
             status = run_to_end(superlink, app, [*run_config, *overrides], register, restarts)
             notify_status(f"last run: {status}; {joinable}")
-            from coordinator.registry import prune_runs  # lerobot and torch: see main's `status`
-
             if deleted := prune_runs(schedule.output_dir, schedule.keep_runs):
                 log.info("deleted %d old runs (--keep-runs %d): %s", len(deleted), schedule.keep_runs, deleted)
     except Stopped as why:
