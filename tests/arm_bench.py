@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from hardware.feetech_emulator import WavingHand
 from hardware.so_arm import JOINTS
 
 RANGE = (1000, 3000)  # calibrated range of every joint, in raw steps
@@ -43,10 +43,7 @@ def frame_index(frame: np.ndarray) -> int:
     return round(float(frame.mean()) / 2)
 
 
-def waving_hand(t: float) -> dict[int, int]:
-    """A person moving every joint of a leader arm slowly back and forth inside the calibrated range."""
-    middle, amplitude = sum(RANGE) / 2, (RANGE[1] - RANGE[0]) / 4
-    return {i: int(middle + amplitude * math.sin(1.5 * t + i)) for i in range(1, 7)}
+waving_hand = WavingHand(*RANGE)  # a person moving every joint of a leader arm inside the calibrated range
 
 
 def record_arm_dataset(directory: Path, root: Path, episodes: int, camera_size: tuple[int, int] = CAMERA) -> int:

@@ -34,21 +34,11 @@ def bench(tmp_path):
         yield tmp_path, follower, leader
 
 
-class ManualClock:
-    """Seconds that pass only when a test says so."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def still_follower(bench):
-    """A second follower bus whose joints move only when the test advances `still_follower.clock`."""
+    """A second follower bus whose joints move only when the test calls `still_follower.advance`."""
     tmp_path, _, _ = bench
-    with EmulatedBus(tmp_path / "still-follower", clock=ManualClock()) as follower:
+    with EmulatedBus(tmp_path / "still-follower", still=True) as follower:
         yield follower
 
 
@@ -117,8 +107,7 @@ def test_actions_stay_within_the_joint_range_and_the_step_limit(bench, still_fol
     tmp_path, _, _ = bench
     follower = still_follower
     caplog.set_level(logging.INFO)
-    for servo in follower.servos.values():
-        servo.position = RANGE[1] - 50  # near the top of every joint's range
+    follower.place(RANGE[1] - 50)  # near the top of every joint's range
     arm = _arm(tmp_path, port=str(follower.link))
     arm.connect()
     arm.reset(0)
@@ -157,10 +146,10 @@ def test_hold_and_an_ordered_torque_off(bench, still_follower):
     arm.send_action({ACTION: np.full(6, 9.0, np.float32)})
     arm.get_observation()  # the goals have arrived (a sync write has no reply)
     target = {servo: goal for servo, goal, _ in follower.goals[-6:]}
-    follower.clock.now += 0.005  # 15 steps on the way
+    follower.advance(0.005)  # 15 steps on the way
     arm.hold()
     arm.get_observation()  # the hold's goals have arrived (a sync write has no reply)
-    follower.clock.now += 1.0  # time enough to reach the old target
+    follower.advance(1.0)  # time enough to reach the old target
     present = follower.present()
     for servo, goal, _ in follower.goals[-6:]:
         assert goal == present[servo] != target[servo]  # held where it was, not at the commanded target
