@@ -69,6 +69,7 @@ from hardware.cameras import CameraSettings
 from hardware.so_arm import FOLLOWER_TYPES, JOINTS, LEADER_TYPES, TORQUE_OFF_ORDER
 
 ROBOT_TYPES = ("pusht_sim", *FOLLOWER_TYPES)
+MAX_READ_RETRIES = 20  # 21 tries of ~50 ms: a read that blocks the control loop for a second is a fault
 TELEOP_TYPES = ("pusht_expert", "pusht_mouse", *LEADER_TYPES)
 
 
@@ -81,6 +82,8 @@ class RobotSection:
     port: str | None = None
     calibration_dir: Path | None = None  # default: <data-dir>/calibration
     max_relative_target: float = 10.0
+    # lerobot's retries of a read that got no status packet in time (50 ms each): a loaded host
+    read_retries: int = 2
     torque_off_order: list[str] = field(default_factory=lambda: list(TORQUE_OFF_ORDER))
     episode_seconds: float = 20.0
     reset_seconds: float = 10.0
@@ -95,6 +98,7 @@ class TeleopSection:
     # SO leader arms only; the calibration file is <calibration-dir>/<robot-id>-leader.json
     port: str | None = None
     calibration_dir: Path | None = None  # default: the robot's
+    read_retries: int = 2  # as the robot's
 
 
 @dataclass(frozen=True)
@@ -176,6 +180,7 @@ class AgentConfig:
             "calibration_dir": self.calibration_dir,
             "fps": round(self.control.rate_hz),
             "max_relative_target": robot.max_relative_target,
+            "read_retries": robot.read_retries,
             "torque_off_order": tuple(robot.torque_off_order),
             "episode_seconds": robot.episode_seconds,
             "reset_seconds": robot.reset_seconds,
@@ -190,6 +195,7 @@ class AgentConfig:
                 "id": f"{self.robot_id}-leader",
                 "port": teleop.port,
                 "calibration_dir": teleop.calibration_dir or self.calibration_dir,
+                "read_retries": teleop.read_retries,
             }
         return {"style": teleop.style}
 
@@ -304,6 +310,12 @@ def _validate_arm(config: AgentConfig, bad) -> None:
         raise bad("robot.port", f"is needed for a {robot.type} (its serial device)")
     if robot.max_relative_target <= 0:
         raise bad("robot.max-relative-target", "must be > 0")
+    for key, retries in (
+        ("robot.read-retries", robot.read_retries),
+        ("teleop.read-retries", config.teleop.read_retries),
+    ):
+        if not 0 <= retries <= MAX_READ_RETRIES:
+            raise bad(key, f"must lie in 0..{MAX_READ_RETRIES}, got {retries!r}")
     if robot.episode_seconds <= 0:
         raise bad("robot.episode-seconds", "must be > 0")
     if robot.reset_seconds < 0:

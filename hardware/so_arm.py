@@ -182,6 +182,7 @@ class SOArmConfig(RobotConfig):
     port: str = "/dev/ttyACM0"
     fps: int = 30
     max_relative_target: float = 10.0  # degrees per action (gripper: percent of its range)
+    read_retries: int = 2  # lerobot's num_read_retries: tries after a read without a status packet
     torque_off_order: tuple[str, ...] = TORQUE_OFF_ORDER
     episode_seconds: float = 20.0  # a recorded or policy episode on the bench
     reset_seconds: float = 10.0  # between recorded episodes: the operator puts the scene back, unrecorded
@@ -251,6 +252,7 @@ class SOArm(_ArmDevice, Robot):
                 calibration_dir=self.calibration_dir,
                 port=self.config.port,
                 max_relative_target=float(self.config.max_relative_target),
+                num_read_retries=self.config.read_retries,
                 disable_torque_on_disconnect=False,
             )
         )
@@ -367,6 +369,7 @@ def _joint_limits(arm: SOFollower) -> tuple[np.ndarray, np.ndarray]:
 class SOLeaderArmConfig(TeleoperatorConfig):
     arm_type: str = "so101_leader"
     port: str = "/dev/ttyACM1"
+    read_retries: int = 2  # as SOArmConfig's
 
 
 class SOLeaderArm(_ArmDevice, Teleoperator):
@@ -397,7 +400,12 @@ class SOLeaderArm(_ArmDevice, Teleoperator):
 
     def _connect_arm(self) -> None:
         self.arm = _Leader(
-            SOLeaderTeleopConfig(id=self.id, calibration_dir=self.calibration_dir, port=self.config.port)
+            SOLeaderTeleopConfig(
+                id=self.id,
+                calibration_dir=self.calibration_dir,
+                port=self.config.port,
+                num_read_retries=self.config.read_retries,
+            )
         )
         with _device_errors(self, f"leader arm on {self.config.port}"):
             self.arm.connect(calibrate=True)

@@ -14,6 +14,9 @@ from hardware.so_arm import JOINTS
 RANGE = (1000, 3000)  # calibrated range of every joint, in raw steps
 CAMERA = (48, 64)  # height, width of the test camera
 CAMERA_FPS = 30
+# The emulated servos answer on a host the suite keeps busy: lerobot's 3 tries of ~50 ms per read
+# (robot.read-retries 2) failed there now and then; 11 tries give a read half a second.
+READ_RETRIES = 10
 
 
 def write_calibration(directory: Path, device_id: str) -> Path:
@@ -71,8 +74,15 @@ def record_arm_dataset(directory: Path, root: Path, episodes: int, camera_size: 
             episode_seconds=0.5,
             reset_seconds=0.0,
             cameras={"front": camera},
+            read_retries=READ_RETRIES,
         )
-        hand = make_teleop("so101_leader", id="arm-leader", port=str(directory / "leader"), calibration_dir=calibration)
+        hand = make_teleop(
+            "so101_leader",
+            id="arm-leader",
+            port=str(directory / "leader"),
+            calibration_dir=calibration,
+            read_retries=READ_RETRIES,
+        )
         arm.connect()
         try:
             return record_session(arm, hand, root, SessionPlan(episodes, seed_start=0)).total_episodes

@@ -34,7 +34,7 @@ from hardware.cameras import CameraSettings
 from hardware.feetech_emulator import EmulatedBus
 from hardware.so_arm import MOTOR_NAMES
 
-from arm_bench import RANGE, waving_hand, write_calibration, write_video
+from arm_bench import RANGE, READ_RETRIES, waving_hand, write_calibration, write_video
 from helpers import deliver_model, public_key_line
 from processes import Followed, NotifySocket
 
@@ -56,8 +56,9 @@ def write_config(directory, trusted_key: str, rate_hz: float = 15.0) -> None:
                 episode_seconds=1.0,
                 reset_seconds=0.0,
                 cameras={"front": camera},
+                read_retries=READ_RETRIES,
             ),
-            teleop=TeleopSection(type="so101_leader", port=str(directory / "leader")),
+            teleop=TeleopSection(type="so101_leader", port=str(directory / "leader"), read_retries=READ_RETRIES),
             coordinator=CoordinatorSection(superlink=f"127.0.0.1:{free_port()}", supernode_port=free_port()),
             idle=IdleSection(min_new_episodes=1000),
             control=ControlSection(rate_hz=rate_hz),

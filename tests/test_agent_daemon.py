@@ -109,6 +109,11 @@ def test_the_data_rule_for_joining_the_federation(episodes, last_round, blocker)
             "key 'checks.sim-gate-episodes' must be 0 for a so101_follower",
         ),
         (
+            'robot-id = "r1"\n[robot]\ntype = "so101_follower"\nport = "/dev/ttyACM0"\n'
+            '[teleop]\ntype = "so101_leader"\nport = "/dev/ttyACM1"\nread-retries = 1000\n',
+            "key 'teleop.read-retries' must lie in 0..20, got 1000",
+        ),
+        (
             'robot-id = "r1"\n[robot]\nscene-part = 4\nscene-parts = 4\n',
             "key 'robot.scene-part' must lie in [0, scene-parts)",
         ),

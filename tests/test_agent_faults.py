@@ -22,7 +22,7 @@ from hardware.cameras import CameraSettings
 from hardware.feetech_emulator import EmulatedBus
 
 from agent_bench import bind, fill, set_read_only, start_agent, status_until, stop, tmpfs, write_config
-from arm_bench import CAMERA, waving_hand, write_calibration, write_video
+from arm_bench import CAMERA, READ_RETRIES, waving_hand, write_calibration, write_video
 from helpers import deliver_model
 from processes import NotifySocket
 
@@ -177,8 +177,13 @@ def test_a_reconnect_error_that_is_no_device_fault_is_shown_and_retried_until_th
         episode_seconds=1.0,
         reset_seconds=0.0,
         cameras={"front": camera},
+        read_retries=READ_RETRIES,
     )
-    write_config(tmp_path, robot=robot, teleop=TeleopSection(type="so101_leader", port=str(tmp_path / "leader")))
+    write_config(
+        tmp_path,
+        robot=robot,
+        teleop=TeleopSection(type="so101_leader", port=str(tmp_path / "leader"), read_retries=READ_RETRIES),
+    )
     write_calibration(tmp_path / "calibration", "robot-test")
     write_calibration(tmp_path / "calibration", "robot-test-leader")
     video = write_video(tmp_path / "front.mp4", seconds=2.0)

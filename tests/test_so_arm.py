@@ -18,7 +18,7 @@ from hardware.factory import make_robot, make_teleop
 from hardware.feetech_emulator import EmulatedBus
 from hardware.so_arm import STEP_LIMIT_WARNING
 
-from arm_bench import RANGE, frame_index, waving_hand, write_calibration, write_video
+from arm_bench import RANGE, READ_RETRIES, frame_index, waving_hand, write_calibration, write_video
 
 MAX_STEP_DEGREES = 10.0
 DEGREES_PER_STEP = 360 / 4095
@@ -51,6 +51,7 @@ def _arm(tmp_path, cameras=None, port=None, **settings):
         calibration_dir=tmp_path / "calibration",
         max_relative_target=MAX_STEP_DEGREES,
         cameras=cameras or {},
+        read_retries=READ_RETRIES,
         **settings,
     )
 
@@ -76,7 +77,11 @@ def test_a_status_packet_lost_while_connecting_costs_one_more_try(bench):
     arm.connect()
     leader.lose_replies(1)
     hand = make_teleop(
-        "so101_leader", id="arm-leader", port=str(tmp_path / "leader"), calibration_dir=tmp_path / "calibration"
+        "so101_leader",
+        id="arm-leader",
+        port=str(tmp_path / "leader"),
+        calibration_dir=tmp_path / "calibration",
+        read_retries=READ_RETRIES,
     )
     hand.connect()
     assert arm.is_connected and hand.is_connected
@@ -87,7 +92,11 @@ def test_a_status_packet_lost_while_connecting_costs_one_more_try(bench):
 def test_a_missing_calibration_names_the_command_and_leaves_the_port_alone(bench):
     tmp_path, follower, _ = bench
     arm = make_robot(
-        "so100_follower", "new-arm", port=str(tmp_path / "follower"), calibration_dir=tmp_path / "calibration"
+        "so100_follower",
+        "new-arm",
+        port=str(tmp_path / "follower"),
+        calibration_dir=tmp_path / "calibration",
+        read_retries=READ_RETRIES,
     )
     with pytest.raises(CalibrationMissing) as error:
         arm.connect()
@@ -97,7 +106,11 @@ def test_a_missing_calibration_names_the_command_and_leaves_the_port_alone(bench
     ) in str(error.value)
     assert follower.torque_writes == [] and follower.register(1, "Min_Position_Limit") == 0
     leader = make_teleop(
-        "so101_leader", id="nobody", port=str(tmp_path / "leader"), calibration_dir=tmp_path / "calibration"
+        "so101_leader",
+        id="nobody",
+        port=str(tmp_path / "leader"),
+        calibration_dir=tmp_path / "calibration",
+        read_retries=READ_RETRIES,
     )
     with pytest.raises(CalibrationMissing, match="--teleop.type=so101_leader"):
         leader.connect()
@@ -179,7 +192,11 @@ def test_the_leader_drives_the_follower(bench):
     tmp_path, follower, leader = bench
     arm = _arm(tmp_path)
     hand = make_teleop(
-        "so101_leader", id="arm-leader", port=str(tmp_path / "leader"), calibration_dir=tmp_path / "calibration"
+        "so101_leader",
+        id="arm-leader",
+        port=str(tmp_path / "leader"),
+        calibration_dir=tmp_path / "calibration",
+        read_retries=READ_RETRIES,
     )
     arm.connect()
     hand.connect()
@@ -333,7 +350,11 @@ def test_between_recorded_episodes_the_operator_puts_the_scene_back_unrecorded(b
     tmp_path, follower, leader = bench
     arm = _arm(tmp_path, episode_seconds=0.5, reset_seconds=0.5)
     hand = make_teleop(
-        "so101_leader", id="arm-leader", port=str(tmp_path / "leader"), calibration_dir=tmp_path / "calibration"
+        "so101_leader",
+        id="arm-leader",
+        port=str(tmp_path / "leader"),
+        calibration_dir=tmp_path / "calibration",
+        read_retries=READ_RETRIES,
     )
     arm.connect()
     try:
