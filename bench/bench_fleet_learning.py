@@ -198,7 +198,7 @@ def federate(args, results: Results, robots: list[Path], work: Path, strategy: s
         if rounds_done(out) < min(args.upto, run.num_server_rounds):
             with simulation_superlink(work / "superlink") as env, open(log, "a") as log_file:
                 flwr_run = subprocess.Popen(
-                    simulation_run(changed_keys(run), args.robots, cpus_per_robot=2),
+                    simulation_run(changed_keys(run), args.robots, cpus_per_robot=2, stage=work / "app"),
                     env=env,
                     stdout=log_file,
                     stderr=log_file,

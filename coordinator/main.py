@@ -39,7 +39,7 @@ from pathlib import Path
 from coordinator.credentials import make_server_certificate
 from coordinator.superlink import CONNECTION, SuperLink, SuperLinkSettings
 from fedbot.atomic_files import write_bytes_atomic
-from fedbot.flower_processes import BIN, PROJECT
+from fedbot.flower_processes import BIN, PROJECT, staged_app
 from fedbot.retention import LogRotation
 from fedbot.service import (
     configure_logging,
@@ -64,7 +64,8 @@ def submit_and_stream(superlink: SuperLink, app: Path, run_config: list[str]) ->
 
     If the SuperLink dies meanwhile, the stream is cut so that the supervisor can restart it.
     """
-    command = [str(BIN / "flwr"), "run", str(app), CONNECTION, "--stream"]
+    staged = staged_app(superlink.settings.state_dir / "app", app)
+    command = [str(BIN / "flwr"), "run", str(staged), CONNECTION, "--stream"]
     for config in run_config:
         command += ["--run-config", config]
     stream = subprocess.Popen(

@@ -1,5 +1,6 @@
 """How fedbot starts Flower's processes: where their executables are, the environment each gets,
-free ports for several of them on one host, and a SuperLink for Flower's simulation engine."""
+free ports for several of them on one host, a SuperLink for Flower's simulation engine, and the
+app package (FAB) that `flwr run` submits and robots check runs against."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import functools
 import hashlib
 import os
 import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -40,9 +42,52 @@ def installed_app_sha256() -> str:
     """The sha256 of the app package (FAB) Flower builds from this checkout: what `flwr run` of the
     installed fedbot submits. Flower's build is deterministic (fixed dates, sorted files), so a
     robot computes it from its own copy and runs no other ClientApp code (agent/warm_clientapp.py)."""
-    from flwr.cli.build import build_fab_from_disk
+    from flwr.cli.build import build_fab_from_files
 
-    return hashlib.sha256(build_fab_from_disk(PROJECT)).hexdigest()
+    fab, _ = build_fab_from_files(app_files(PROJECT))
+    return hashlib.sha256(fab).hexdigest()
+
+
+def app_files(app: Path) -> dict[str, Path]:
+    """The files under `app` that Flower's FAB build may keep ({relative POSIX path: path}), found
+    without entering the directories its rules exclude (the app's .gitignore, Flower's publish
+    excludes). Flower's own `collect_files` resolves every file under the app, the venv's ~55,000
+    included: ~9 s of CPU per build, at every robot's start and every `flwr run`. Flower's build
+    filters what this returns as it filters its own list, so the FAB is the same (tests/test_fab.py)."""
+    from flwr.cli.utils import build_pathspec, load_gitignore_patterns
+    from flwr.supercore.constant import APP_PUBLISH_EXCLUDE_PATTERNS
+
+    root = app.resolve()
+    gitignore = root / ".gitignore"
+    patterns = tuple(load_gitignore_patterns(gitignore.read_bytes() if gitignore.is_file() else b""))
+    # A negated pattern could take back a file of an excluded directory: then walk everything.
+    excluded = [] if any(p.startswith("!") for p in patterns) else [build_pathspec(patterns)]
+    excluded.append(build_pathspec(APP_PUBLISH_EXCLUDE_PATTERNS))
+    files = {}
+    for directory, subdirectories, names in os.walk(root):
+        relative = Path(directory).relative_to(root)
+        subdirectories[:] = [
+            d for d in subdirectories if not any(spec.match_file(f"{(relative / d).as_posix()}/") for spec in excluded)
+        ]
+        for name in names:
+            path = Path(directory) / name
+            if not path.is_symlink() and path.resolve().is_relative_to(root):  # as Flower's collect_files
+                files[(relative / name).as_posix()] = path
+    return files
+
+
+def staged_app(into: Path, app: Path = PROJECT) -> Path:
+    """`into`, made a copy of the files of the app at `app` that go into its FAB (with its
+    .gitignore): `flwr run` of the copy submits the very FAB of `app` without walking its venv."""
+    from flwr.cli.utils import filter_paths_for_publish
+
+    files = app_files(app)
+    keep = {**filter_paths_for_publish(files), **({".gitignore": files[".gitignore"]} if ".gitignore" in files else {})}
+    shutil.rmtree(into, ignore_errors=True)
+    for relative, path in keep.items():
+        (into / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, into / relative)
+    return into
 
 
 def flower_environment(flwr_home: Path) -> dict[str, str]:
@@ -103,14 +148,14 @@ def simulation_superlink(home: Path) -> Iterator[dict[str, str]]:
         stop_with_sessions_below(process, timeout=60)
 
 
-def simulation_run(run_config: str, robots: int, cpus_per_robot: int) -> list[str]:
-    """`flwr run` of this app on the `sim` connection of a `simulation_superlink`, streaming its log:
-    `robots` virtual SuperNodes, each ClientApp given `cpus_per_robot` cores by Flower's engine."""
+def simulation_run(run_config: str, robots: int, cpus_per_robot: int, stage: Path) -> list[str]:
+    """`flwr run` of this app (staged in `stage`) on the `sim` connection of a `simulation_superlink`,
+    streaming its log: `robots` virtual SuperNodes, each ClientApp given `cpus_per_robot` cores."""
     federation = f"num-supernodes={robots} client-resources-num-cpus={cpus_per_robot}"
     return [
         str(BIN / "flwr"),
         "run",
-        str(PROJECT),
+        str(staged_app(stage)),
         "sim",
         "--stream",
         "--run-config",

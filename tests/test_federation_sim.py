@@ -31,7 +31,7 @@ def run_on_virtual_robots(env: dict, fleet: Path, out: Path, run: RunConfig, rob
     failed ServerApp: callers check the run's own files."""
     run_config = changed_keys(replace(run, sim_data_dir=str(fleet), output_dir=str(out)))
     result = subprocess.run(
-        simulation_run(run_config, robots, cpus_per_robot=1),
+        simulation_run(run_config, robots, cpus_per_robot=1, stage=out.parent / "app"),
         env=env,
         capture_output=True,
         text=True,
