@@ -69,8 +69,8 @@ from hardware.cameras import CameraSettings
 from hardware.so_arm import FOLLOWER_TYPES, JOINTS, LEADER_TYPES, TORQUE_OFF_ORDER
 
 ROBOT_TYPES = ("pusht_sim", *FOLLOWER_TYPES)
-MAX_READ_RETRIES = 20  # 21 tries of ~50 ms: a read that blocks the control loop for a second is a fault
 TELEOP_TYPES = ("pusht_expert", "pusht_mouse", *LEADER_TYPES)
+MAX_READ_RETRIES = 20  # 21 tries of ~50 ms: a read that blocks the control loop for a second is a fault
 
 
 @dataclass(frozen=True)
@@ -82,8 +82,7 @@ class RobotSection:
     port: str | None = None
     calibration_dir: Path | None = None  # default: <data-dir>/calibration
     max_relative_target: float = 10.0
-    # lerobot's retries of a read that got no status packet in time (50 ms each): a loaded host
-    read_retries: int = 2
+    read_retries: int = 2  # lerobot's num_read_retries: again after ~50 ms without a status packet
     torque_off_order: list[str] = field(default_factory=lambda: list(TORQUE_OFF_ORDER))
     episode_seconds: float = 20.0
     reset_seconds: float = 10.0

@@ -77,14 +77,12 @@ def app_files(app: Path) -> dict[str, Path]:
 
 
 def staged_app(into: Path, app: Path = PROJECT) -> Path:
-    """`into`, made a copy of the files of the app at `app` that go into its FAB (with its
-    .gitignore): `flwr run` of the copy submits the very FAB of `app` without walking its venv."""
+    """`into`, made a copy of the files of the app at `app` that go into its FAB: `flwr run` of the
+    copy submits the very FAB of `app` without walking its venv."""
     from flwr.cli.utils import filter_paths_for_publish
 
-    files = app_files(app)
-    keep = {**filter_paths_for_publish(files), **({".gitignore": files[".gitignore"]} if ".gitignore" in files else {})}
     shutil.rmtree(into, ignore_errors=True)
-    for relative, path in keep.items():
+    for relative, path in filter_paths_for_publish(app_files(app)).items():
         (into / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, into / relative)
     return into
