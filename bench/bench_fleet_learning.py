@@ -14,7 +14,10 @@ same recipe (the preset's) and the same compute:
 
 Every model at each budget of `--budgets` (in rounds) is evaluated on `--eval` held-out seeds
 (>= 100000, the whole scene distribution); local models also on their own robot's scene part.
-`bench/results/fleet_learning.jsonl` holds the points measured so far (BENCHMARKS.md). A deployment
+`bench/results/fleet_learning.jsonl` holds the points measured so far (BENCHMARKS.md); each names
+the recipe's peak learning rate (`lr`, the preset's), and the table and plot show the points of the
+preset's current one; another recipe's runs need a `--work` of their own (a run resumes by the
+preset's name). A deployment
 point whose simulated twin is in the same `--work` records the largest difference between the two
 engines' global weights.
 Each finished point is appended to `--results` (default `<work>/results.jsonl`) and a run is
@@ -59,7 +62,7 @@ DEFAULT_LOCAL_STEPS = 500  # federated arms with other local steps per round are
 
 
 class Results:
-    """results.jsonl: one line per evaluated point, keyed by (arm, seed, budget, robot, scenes)."""
+    """results.jsonl: one line per evaluated point, keyed by (arm, seed, budget, robot, scenes, lr)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -68,7 +71,7 @@ class Results:
 
     @staticmethod
     def key(row: dict) -> tuple:
-        return row["arm"], row["seed"], row["budget_rounds"], row.get("robot"), row["scenes"]
+        return row["arm"], row["seed"], row["budget_rounds"], row.get("robot"), row["scenes"], row["lr"]
 
     def has(self, **key) -> bool:
         return any(self.key(row) == self.key(key) for row in self.rows)
@@ -96,6 +99,11 @@ def evaluate_point(results: Results, policy: Path, episodes: int, part: tuple[in
     )
 
 
+def recipe_lr(args) -> float:
+    """The peak learning rate of the preset's recipe: the points of different recipes differ by it."""
+    return get_preset(args.preset).config["optimizer_lr"]
+
+
 class Paused(Exception):
     """Raised from a checkpoint callback to stop training at `--upto`; the run resumes from there."""
 
@@ -119,6 +127,7 @@ def train_alone(
                 seed=seed,
                 budget_rounds=rounds,
                 robot=robot,
+                lr=recipe_lr(args),
                 samples=step * get_preset(args.preset).batch_size,
                 train_wall_s=wall,
             )
@@ -133,7 +142,11 @@ def train_alone(
     if last is not None and int(last.name) >= pause_at:
         return
     scenes = ("all", "own") if robot is not None else ("all",)
-    due = [dict(arm=arm, seed=seed, budget_rounds=b, robot=robot, scenes=s) for b in args.budgets for s in scenes]
+    due = [
+        dict(arm=arm, seed=seed, budget_rounds=b, robot=robot, scenes=s, lr=recipe_lr(args))
+        for b in args.budgets
+        for s in scenes
+    ]
     if all(results.has(**key) for key in due if key["budget_rounds"] <= args.upto):
         return  # measured in an earlier work directory
     try:
@@ -165,7 +178,10 @@ def federate(args, results: Results, robots: list[Path], work: Path, strategy: s
         arm += f"-steps{args.local_steps}"
     if args.engine == "deployment":
         arm += "-deployment"
-    if all(results.has(arm=arm, seed=seed, budget_rounds=b, robot=None, scenes="all") for b in args.budgets):
+    if all(
+        results.has(arm=arm, seed=seed, budget_rounds=b, robot=None, scenes="all", lr=recipe_lr(args))
+        for b in args.budgets
+    ):
         return
     run = replace(
         RunConfig(),
@@ -221,6 +237,7 @@ def federate(args, results: Results, robots: list[Path], work: Path, strategy: s
             seed=seed,
             budget_rounds=budget,
             robot=None,
+            lr=recipe_lr(args),
             samples=budget * args.local_steps * args.robots * get_preset(args.preset).batch_size,
             train_wall_s=wall,
             this_process_wall_s=time.monotonic() - started,
@@ -264,13 +281,13 @@ def rounds_done(out: Path) -> int:
 def print_table(results: Results, args) -> None:
     table = Table(
         title=f"fleet learning: {args.robots} robots x {args.episodes} demonstrations, non-IID scenes, "
-        f"{args.eval} held-out seeds per point; {machine()}"
+        f"{args.eval} held-out seeds per point, peak lr {recipe_lr(args):g}; {machine()}"
     )
     columns = ("arm", "steps per robot", "samples", "seeds", "success (95% CI)", "mean max coverage", "train wall")
     for column in columns:
         table.add_column(column, justify="left" if column == "arm" else "right")
     groups: dict[tuple, list[dict]] = {}
-    for row in results.rows:
+    for row in recipe_rows(results, args):
         arm = row["arm"] if row["robot"] is None else f"local ({row['scenes']} scenes)"
         groups.setdefault((arm, steps_per_robot(row, args)), []).append(row)
     for (arm, steps), rows in sorted(groups.items()):
@@ -289,6 +306,10 @@ def print_table(results: Results, args) -> None:
     Console(width=160).print(table)
 
 
+def recipe_rows(results: Results, args) -> list[dict]:
+    return [row for row in results.rows if row["lr"] == recipe_lr(args)]
+
+
 def steps_per_robot(row: dict, args) -> int:
     """A point's compute per robot, in local steps: its budget in rounds x the local steps per round
     of the run behind it (robots share a federation's and a pooled run's samples)."""
@@ -302,9 +323,9 @@ def plot(results: Results, args, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (success_axis, coverage_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    arms = sorted({(r["arm"], r["scenes"]) for r in results.rows})
-    for arm, scenes in arms:
-        rows = [r for r in results.rows if r["arm"] == arm and r["scenes"] == scenes]
+    shown = recipe_rows(results, args)
+    for arm, scenes in sorted({(r["arm"], r["scenes"]) for r in shown}):
+        rows = [r for r in shown if r["arm"] == arm and r["scenes"] == scenes]
         budgets = sorted({steps_per_robot(r, args) for r in rows})
         label = arm if arm != "local" else f"local, {scenes} scenes (mean of robots)"
         for axis, field in ((success_axis, "success_rate"), (coverage_axis, "mean_max_coverage")):
@@ -317,6 +338,7 @@ def plot(results: Results, args, path: Path) -> None:
     success_axis.set(xlabel="compute per robot (local steps)", ylabel="success rate", ylim=(0, 1))
     coverage_axis.set(xlabel="compute per robot (local steps)", ylabel="mean max coverage", ylim=(0, 1))
     success_axis.legend(fontsize=8)
+    fig.suptitle(f"peak learning rate {recipe_lr(args):g}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
