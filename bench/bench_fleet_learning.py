@@ -15,9 +15,9 @@ same recipe (the preset's) and the same compute:
 Every model at each budget of `--budgets` (in rounds) is evaluated on `--eval` held-out seeds
 (>= 100000, the whole scene distribution); local models also on their own robot's scene part.
 `bench/results/fleet_learning.jsonl` holds the points measured so far (BENCHMARKS.md); each names
-the recipe's peak learning rate (`lr`, the preset's), and the table and plot show the points of the
-preset's current one; another recipe's runs need a `--work` of their own (a run resumes by the
-preset's name). A deployment
+the peak learning rate of its schedule (`lr`: `--lr`, or the preset's), and the table and plot show
+the points of the run's. Runs with another `--lr` need a `--work` of their own (a run resumes from
+its checkpoints whatever the learning rate). A deployment
 point whose simulated twin is in the same `--work` records the largest difference between the two
 engines' global weights.
 Each finished point is appended to `--results` (default `<work>/results.jsonl`) and a run is
@@ -29,7 +29,7 @@ learning curves next to the results file (.png).
     .venv/bin/python bench/bench_fleet_learning.py [--robots 4] [--episodes 25] [--rounds 20]
         [--local-steps 500] [--budgets 5 10 20] [--eval 100] [--seeds 0 1] [--arms local federated centralized]
         [--strategies fedavg] [--server-lr LR --server-momentum M] [--dp-noise Z --dp-clip C]
-        [--engine simulation] [--upto ROUNDS] [--work DIR] [--results FILE]
+        [--engine simulation] [--lr LR] [--upto ROUNDS] [--work DIR] [--results FILE]
 """
 
 from __future__ import annotations
@@ -100,8 +100,8 @@ def evaluate_point(results: Results, policy: Path, episodes: int, part: tuple[in
 
 
 def recipe_lr(args) -> float:
-    """The peak learning rate of the preset's recipe: the points of different recipes differ by it."""
-    return get_preset(args.preset).config["optimizer_lr"]
+    """The peak learning rate of every arm's schedule: `--lr`, or the preset's."""
+    return args.lr or get_preset(args.preset).config["optimizer_lr"]
 
 
 class Paused(Exception):
@@ -158,6 +158,7 @@ def train_alone(
             save_every=steps_per_round,
             keep_checkpoints=len(args.budgets) + 1,
             seed=seed,
+            lr=recipe_lr(args),
             show_progress=False,
             on_checkpoint=on_checkpoint,
         )
@@ -188,6 +189,7 @@ def federate(args, results: Results, robots: list[Path], work: Path, strategy: s
         num_server_rounds=max(args.rounds, *args.budgets),
         local_steps=args.local_steps,
         min_nodes=args.robots,
+        lr=recipe_lr(args),
         fraction_evaluate=0.0,
         eval_episodes=0,
         strategy=strategy,
@@ -365,6 +367,7 @@ def main() -> None:
         help="federated arms: Flower's simulation engine, or a localhost SuperLink and SuperNodes",
     )
     parser.add_argument("--preset", default="pusht-state")
+    parser.add_argument("--lr", type=float, default=0.0, help="peak learning rate of every arm; 0: the preset's")
     parser.add_argument("--upto", type=int, default=None, help="pause every arm after this many rounds")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "fedbot-fleet-learning")
     parser.add_argument("--results", type=Path, default=None, help="the evaluated points (jsonl); <work>/results.jsonl")

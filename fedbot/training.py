@@ -322,11 +322,13 @@ def train(
     save_every: int = 1000,
     keep_checkpoints: int = 3,
     seed: int = 0,
+    lr: float | None = None,
     device: str | None = None,
     show_progress: bool = True,
     on_checkpoint=None,
 ) -> Path:
-    """Train to `steps` total steps, resuming from `out`'s last checkpoint if there is one.
+    """Train to `steps` total steps, resuming from `out`'s last checkpoint if there is one. The
+    schedule's peak learning rate is `lr`, if given, else the preset's.
 
     `on_checkpoint(path)` is called after each checkpoint is written. Returns the directory of the
     final policy (`checkpoints/last/pretrained_model`).
@@ -342,7 +344,7 @@ def train(
                 "use another --out for a different dataset or preset"
             )
         loaded = load_policy(resume_from / PRETRAINED_MODEL_DIR, device)  # the EMA's weights, if any
-        state = TrainState.create(loaded, steps, ema_power=preset.ema_power)
+        state = TrainState.create(loaded, steps, lr=lr, ema_power=preset.ema_power)
         step, state.optimizer, state.scheduler = load_training_state(resume_from, state.optimizer, state.scheduler)
         state.seek(step)
         if state.ema is not None:
@@ -351,7 +353,7 @@ def train(
         log.info("resuming from step %d (%s)", state.step, resume_from)
     else:
         torch.manual_seed(seed)
-        state = TrainState.create(new_policy(preset, dataset, device), steps, ema_power=preset.ema_power)
+        state = TrainState.create(new_policy(preset, dataset, device), steps, lr=lr, ema_power=preset.ema_power)
     frames = InMemoryFrames(dataset, state.loaded.policy.config)
     try:
         note_use(dataset_root, f"train {Path(out).resolve()}", training_episodes(dataset), from_step=state.step)

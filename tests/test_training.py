@@ -12,7 +12,7 @@ from lerobot.datasets.lerobot_dataset import LeRobotDataset
 from lerobot.policies.diffusion.configuration_diffusion import DiffusionConfig
 from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
 from lerobot.policies.factory import make_pre_post_processors
-from lerobot.utils.constants import PRETRAINED_MODEL_DIR, TRAINING_STATE_DIR
+from lerobot.utils.constants import PRETRAINED_MODEL_DIR, SCHEDULER_STATE, TRAINING_STATE_DIR
 from safetensors.torch import load_file
 
 from fedbot.presets import Preset, get_preset
@@ -124,6 +124,15 @@ def test_checkpoints_resume_and_load_with_lerobot(small_dataset, tmp_path):
             torch.as_tensor(normalizer.stats["observation.state"][stat]).float(),
             torch.as_tensor(dataset.meta.stats["observation.state"][stat]).float(),
         )
+
+
+def test_a_given_learning_rate_is_the_peak_of_the_schedule_and_survives_a_resume(small_dataset, tmp_path):
+    out = tmp_path / "run"
+    for steps in (2, 4):
+        train(small_dataset, small("pusht-state"), steps, out, save_every=2, lr=3e-4, show_progress=False)
+        scheduler = json.loads((last_checkpoint(out) / TRAINING_STATE_DIR / SCHEDULER_STATE).read_text())
+        assert scheduler["base_lrs"] == [3e-4]
+    assert get_preset("pusht-state").config["optimizer_lr"] != 3e-4
 
 
 @pytest.fixture(scope="module")
